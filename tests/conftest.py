@@ -1,0 +1,47 @@
+"""Shared fixtures: a tiny random LLaDA checkpoint in the official layout, built in a temp folder."""
+import pytest
+import torch
+
+import llada_app  # noqa: F401  (registers the classes)
+from llada_app.modeling import LLaDAConfig, LLaDAModelLM
+from llada_app.tokenization import train_bpe_tokenizer
+
+TEXT = [
+    "From fairest creatures we desire increase,",
+    "That thereby beauty's rose might never die,",
+    "But as the riper should by time decease,",
+    "His tender heir might bear his memory:",
+    "When forty winters shall besiege thy brow,",
+    "And dig deep trenches in thy beauty's field,",
+]
+
+
+def tiny_config(tokenizer, **overrides) -> LLaDAConfig:
+    kw = dict(d_model=64, n_heads=4, n_kv_heads=2, n_layers=2, mlp_hidden_size=128,
+              vocab_size=len(tokenizer), embedding_size=len(tokenizer) + 8, max_sequence_length=256,
+              rope_theta=10000.0, mask_token_id=tokenizer.mask_token_id,
+              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    kw.update(overrides)
+    return LLaDAConfig(**kw)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return train_bpe_tokenizer(TEXT * 4, vocab_size=320)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_tokenizer):
+    torch.manual_seed(0)
+    return LLaDAModelLM(tiny_config(tiny_tokenizer)).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_model, tiny_tokenizer):
+    """The tiny model saved like GSAI-ML/LLaDA-8B-Instruct: sharded safetensors + index, auto_map kept."""
+    out = tmp_path_factory.mktemp("tiny-llada")
+    tiny_model.config.auto_map = {"AutoConfig": "configuration_llada.LLaDAConfig",
+                                  "AutoModel": "modeling_llada.LLaDAModelLM"}
+    tiny_model.save_pretrained(out, max_shard_size="60KB")
+    tiny_tokenizer.save_pretrained(out)
+    return out
