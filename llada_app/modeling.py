@@ -111,23 +111,24 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32, cast back, then scale (the official order of operations).
-        h = x.float()
+        # Normalise in (at least) fp32, cast back, then scale (the official order of operations).
+        h = x.to(torch.promote_types(x.dtype, torch.float32))
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return h.to(x.dtype) * self.weight
 
 
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float,
+                 dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """positions [T] -> cos, sin [T, head_dim] in fp32 (non-interleaved 'rotate_half' layout)."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
-    freqs = positions.float()[:, None] * inv_freq[None, :]  # [T, head_dim/2]
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=dtype) / head_dim)
+    freqs = positions.to(dtype)[:, None] * inv_freq[None, :]  # [T, head_dim/2]
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos(), emb.sin()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, h, T, hd]; rotation computed in fp32."""
-    xf = x.float()
+    """x [B, h, T, hd]; rotation computed in the dtype of cos/sin (fp32, or fp64 for a float64 model)."""
+    xf = x.to(cos.dtype)
     x1, x2 = xf.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
     return (xf * cos + rotated * sin).to(x.dtype)
@@ -235,7 +236,8 @@ class LLaDAModelLM(LLaDAPreTrainedModel):
             raise ValueError(f"sequence of {S} tokens exceeds max_sequence_length {cfg.max_sequence_length}")
 
         x = tr.wte(input_ids)  # [B, T, d]
-        cos, sin = rope_cos_sin(torch.arange(start, start + T, device=x.device), cfg.head_dim, cfg.rope_theta)
+        rope_dtype = torch.promote_types(x.dtype, torch.float32)  # fp32 for bf16/fp16/fp32 models
+        cos, sin = rope_cos_sin(torch.arange(start, start + T, device=x.device), cfg.head_dim, cfg.rope_theta, rope_dtype)
         attn_bias = self._attention_bias(attention_mask, B, T, S, start, x)
         presents = []
         for i, block in enumerate(tr.blocks):

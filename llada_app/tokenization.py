@@ -31,7 +31,7 @@ def chat_prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) ->
     if not messages:
         raise ValueError("a conversation needs at least one message")
     for m in messages:
-        if set(m) < {"role", "content"} or m["role"] not in ("system", "user", "assistant"):
+        if not {"role", "content"} <= set(m) or m["role"] not in ("system", "user", "assistant"):
             raise ValueError(f"bad chat message {m!r}: need role system/user/assistant and content")
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     # The template already holds BOS; the tokenizer must not add another one.

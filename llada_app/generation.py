@@ -1,0 +1,393 @@
+"""The sampler: how a masked-diffusion model turns masks into text, one step at a time.
+
+`sample_steps` is the one sampling loop of the project (DESIGN §3). It is a generator of `Step`s, so
+the UI animates it and stops it between steps, while `generate` simply runs it to the end. Every
+fast decoder is an option of the same loop:
+
+  - `threshold` / `factor`: parallel decoding, the number of tokens revealed per step adapts;
+  - `cache="prefix"` / `"dual"`: once per block a full forward pass fills a K/V cache, the other
+    steps of the block run only `x[:, block_start:]` (prefix) or the block itself (dual).
+
+Whatever the mode, the LM head, the softmax and the confidence are computed only on the current
+block (`logits_slice`), in fp32: positions outside the block can never be revealed, so this changes
+nothing but the cost. `arm_steps` is the autoregressive baseline (greedy, KV cache) with the same
+`Step` output.
+
+The sampler only talks to the `Denoiser` interface of `backends.py`; special ids come in as
+arguments.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .backends import Denoiser
+
+REMASKING = ("low_confidence", "random")
+CACHE_MODES = ("none", "prefix", "dual")
+
+
+@dataclass
+class Step:
+    """One sampling step, as the UI sees it. Tensors live on the denoiser's device."""
+
+    ids: torch.Tensor  # [B, L] current prompt + answer ids (a copy: safe to keep)
+    prompt_length: int  # the answer starts at this column (prompts are left-padded to this length)
+    revealed: torch.Tensor  # [B, L] bool, positions revealed in this step
+    confidence: torch.Tensor  # [B, L] float32, confidence of the revealed positions, 0 elsewhere
+    step: int  # 1-based
+    nfe: int  # forward passes so far (a CFG pass over the doubled batch counts once)
+    done: bool  # True on the last step
+    block: int = 0  # index of the block this step worked on (0 for the autoregressive sampler)
+
+
+@dataclass
+class GenerationConfig:
+    gen_length: int = 128  # answer slots (masks appended after the prompt)
+    block_length: int = 32  # semi-autoregressive block size; gen_length must divide by it
+    steps: int = 128  # total steps of the fixed schedule; must divide by gen_length // block_length
+    temperature: float = 0.0  # 0: argmax; > 0: Gumbel-max sampling as in the reference (float64)
+    cfg_scale: float = 0.0  # unsupervised classifier-free guidance weight w (0: off)
+    remasking: str = "low_confidence"  # "low_confidence" (softmax prob of the proposal) or "random"
+    threshold: float | None = None  # parallel decoding: reveal every candidate with confidence >= tau
+    factor: float | None = None  # parallel decoding, factor variant: n-th accepted while c >= 1 - f/(n+1)
+    cache: str = "none"  # "none", "prefix" or "dual" K/V cache
+    suppress_eos: bool = False  # EOS logit set to -inf (the model never proposes EOS)
+    eos_zero_confidence: bool = False  # a position whose proposal is EOS/EoT gets confidence 0
+    constraints: dict[int, int] | None = None  # answer position -> token id, forced after every step
+    seed: int | None = None  # seeds a private torch.Generator (None: the global RNG)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.gen_length // self.block_length
+
+    @property
+    def adaptive(self) -> bool:
+        """Threshold/factor decoding: steps per block follow the confidences, not the schedule."""
+        return self.threshold is not None or self.factor is not None
+
+    def validate(self, max_length: int, prompt_length: int, supports_cache: bool = True) -> None:
+        """Raise ValueError, in words, on any combination the sampler cannot run."""
+        if self.gen_length < 1 or self.block_length < 1:
+            raise ValueError(f"gen_length ({self.gen_length}) and block_length ({self.block_length}) must be >= 1")
+        if self.gen_length % self.block_length:
+            raise ValueError(f"gen_length {self.gen_length} is not divisible by block_length {self.block_length}")
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.steps % self.num_blocks:
+            raise ValueError(f"steps {self.steps} is not divisible by the number of blocks "
+                             f"{self.num_blocks} (= gen_length {self.gen_length} / block_length {self.block_length})")
+        if prompt_length < 1:
+            raise ValueError("the prompt is empty")
+        if prompt_length + self.gen_length > max_length:
+            raise ValueError(f"prompt ({prompt_length}) + gen_length ({self.gen_length}) = "
+                             f"{prompt_length + self.gen_length} tokens exceeds the model's context of {max_length}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.cfg_scale < 0:
+            raise ValueError(f"cfg_scale must be >= 0, got {self.cfg_scale}")
+        if self.remasking not in REMASKING:
+            raise ValueError(f"remasking must be one of {REMASKING}, got {self.remasking!r}")
+        if self.threshold is not None and self.factor is not None:
+            raise ValueError("threshold and factor are two variants of parallel decoding: give one, not both")
+        if self.threshold is not None and not 0.0 < self.threshold <= 1.0:
+            raise ValueError(f"threshold must be in (0, 1], got {self.threshold}")
+        if self.factor is not None and self.factor <= 0:
+            raise ValueError(f"factor must be > 0, got {self.factor}")
+        if self.adaptive and self.remasking != "low_confidence":
+            raise ValueError("threshold/factor decoding needs remasking='low_confidence' (a random "
+                             "confidence has no meaning against a threshold)")
+        if self.cache not in CACHE_MODES:
+            raise ValueError(f"cache must be one of {CACHE_MODES}, got {self.cache!r}")
+        if self.cache != "none" and not supports_cache:
+            raise ValueError(f"cache={self.cache!r} needs a denoiser with K/V cache support; this one has none")
+        for pos, tok in (self.constraints or {}).items():
+            if not 0 <= pos < self.gen_length:
+                raise ValueError(f"constraint position {pos} is outside the answer (0..{self.gen_length - 1})")
+            if tok < 0:
+                raise ValueError(f"constraint token id {tok} at position {pos} is negative")
+
+
+def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Left-pad lists of ids to one length -> ids [B, P], attention mask [B, P] (None without padding)."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("pad_prompts needs at least one prompt, and no empty prompt")
+    P = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), P), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), P), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, P - len(p):] = torch.tensor(list(p), dtype=torch.long)
+        mask[i, P - len(p):] = 1
+    return ids, (None if bool(mask.all()) else mask)
+
+
+def block_schedule(n: int, steps: int) -> list[int]:
+    """Tokens revealed at each of a block's steps: n // steps, plus one for the first n % steps.
+
+    Steps that would reveal nothing (n < steps) are dropped: they would only repeat the same forward
+    pass on the same input (the reference runs them anyway).
+    """
+    base, extra = divmod(n, steps)
+    return [k for k in (base + (i < extra) for i in range(steps)) if k > 0]
+
+
+def _make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
+    if seed is None:
+        return None
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    return g
+
+
+def _propose(logits: torch.Tensor, config: GenerationConfig, gen: torch.Generator | None,
+             eos_id: int, eot_id: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [B, T, V] fp32 -> proposal x0 [B, T] and its confidence [B, T] (DESIGN §3 steps 2-3)."""
+    if config.suppress_eos:  # out of place: the denoiser's output may be an inference-mode tensor
+        logits = logits.index_fill(-1, torch.tensor([eos_id], device=logits.device), -torch.inf)
+    if config.temperature > 0:
+        # The reference's Gumbel-max trick, in float64: exp(l) / (-log U)^T.
+        noise = torch.rand(logits.shape, generator=gen, dtype=torch.float64, device=logits.device)
+        x0 = (logits.double().exp() / (-torch.log(noise)) ** config.temperature).argmax(-1)
+    else:
+        x0 = logits.argmax(-1)
+    if config.remasking == "low_confidence":
+        conf = torch.softmax(logits, dim=-1).gather(-1, x0[..., None]).squeeze(-1)  # [B, T]
+    else:
+        conf = torch.rand(x0.shape, generator=gen, device=x0.device)
+    if config.eos_zero_confidence:
+        stop = x0 == eos_id
+        if eot_id is not None:
+            stop |= x0 == eot_id
+        conf = conf.masked_fill(stop, 0.0)
+    return x0, conf
+
+
+def _count_to_reveal(conf: torch.Tensor, candidates: torch.Tensor, config: GenerationConfig,
+                     k_fixed: int) -> torch.Tensor:
+    """How many positions each row reveals this step -> [B] long (no host sync)."""
+    n_cand = candidates.sum(1)
+    if config.threshold is not None:
+        k = ((conf >= config.threshold) & candidates).sum(1)
+    elif config.factor is not None:
+        ranked = conf.sort(dim=1, descending=True).values  # -inf (non-candidates) sort last
+        n = torch.arange(1, conf.shape[1] + 1, device=conf.device)
+        ok = ranked >= 1.0 - config.factor / (n + 1)
+        k = ok.long().cumprod(1).sum(1)  # the longest run of accepted leading ranks
+    else:
+        return torch.minimum(torch.full_like(n_cand, k_fixed), n_cand)
+    return torch.minimum(k.clamp(min=1), n_cand)  # always at least one token per step
+
+
+def _top_k_mask(conf: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """conf [B, T], k [B] -> bool [B, T] marking each row's k most confident (ties: lower position)."""
+    order = conf.argsort(dim=1, descending=True, stable=True)
+    take = torch.arange(conf.shape[1], device=conf.device)[None, :] < k[:, None]
+    return torch.zeros_like(take).scatter(1, order, take)
+
+
+def initial_sequence(prompt_ids: torch.Tensor, config: GenerationConfig, mask_id: int) -> torch.Tensor:
+    """[prompt | MASK x gen_length] with the constraints already in place -> [B, P + G]."""
+    B, P = prompt_ids.shape
+    x = torch.full((B, P + config.gen_length), mask_id, dtype=torch.long, device=prompt_ids.device)
+    x[:, :P] = prompt_ids
+    for pos, tok in (config.constraints or {}).items():
+        x[:, P + pos] = tok
+    return x
+
+
+def sample_steps(denoiser: Denoiser, prompt_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 config: GenerationConfig | None = None, *, mask_id: int, eos_id: int,
+                 eot_id: int | None = None) -> Iterator[Step]:
+    """Denoise [prompt | masks] block by block, yielding a Step after every forward pass.
+
+    prompt_ids [B, P] (left-padded), attention_mask [B, P] with 0 on padding (or None).
+    Closing the generator between steps stops the work; nothing runs in the background.
+    """
+    config = config or GenerationConfig()
+    if prompt_ids.dim() != 2:
+        raise ValueError(f"prompt_ids must be [batch, length], got shape {tuple(prompt_ids.shape)}")
+    B, P = prompt_ids.shape
+    config.validate(denoiser.max_length, P, supports_cache=denoiser.supports_cache)
+    if attention_mask is not None and attention_mask.shape != prompt_ids.shape:
+        raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != prompt shape {tuple(prompt_ids.shape)}")
+    if mask_id in (config.constraints or {}).values():
+        raise ValueError("a constraint cannot force the mask token")
+    return _sample(denoiser, prompt_ids, attention_mask, config, mask_id, eos_id, eot_id)
+
+
+def _sample(denoiser, prompt_ids, attention_mask, config, mask_id, eos_id, eot_id) -> Iterator[Step]:
+    dev = denoiser.device
+    B, P = prompt_ids.shape
+    G, Lb = config.gen_length, config.block_length
+    gen = _make_generator(config.seed, dev)
+    x = initial_sequence(prompt_ids.to(dev), config, mask_id)  # [B, L]
+    L = x.shape[1]
+
+    # Key padding mask over the whole sequence; the CFG branch doubles the batch.
+    attn = None
+    if attention_mask is not None:
+        attn = torch.cat([attention_mask.to(dev).long(), torch.ones(B, G, dtype=torch.long, device=dev)], 1)
+    cfg = config.cfg_scale > 0
+    attn_in = torch.cat([attn, attn]) if (cfg and attn is not None) else attn
+
+    constraints = config.constraints or {}
+    c_pos = torch.tensor([P + p for p in constraints], dtype=torch.long, device=dev)
+    c_tok = torch.tensor(list(constraints.values()), dtype=torch.long, device=dev)
+    # Free (maskable) slots per block are known on the host: no sync to build the schedule.
+    free = [Lb - sum(b * Lb <= p < (b + 1) * Lb for p in constraints) for b in range(config.num_blocks)]
+    work = [b for b in range(config.num_blocks) if free[b] > 0]
+    steps_per_block = config.steps // config.num_blocks
+
+    def forward(first_in_block: bool, bs: int, be: int, past):
+        """-> fp32 logits of the block [B, be-bs, V] (CFG applied), and the K/V cache to reuse."""
+        x_in = x
+        if cfg:  # unconditional branch: every prompt position (padding included) set to MASK
+            x_u = x.clone()
+            x_u[:, :P] = mask_id
+            x_in = torch.cat([x, x_u])
+        if config.cache == "none":
+            out = denoiser(x_in, attn_in, logits_slice=slice(bs, be))
+        elif first_in_block:  # once per block: the full sequence, keeping every position's K/V
+            out = denoiser(x_in, attn_in, use_cache=True, logits_slice=slice(bs, be))
+            past = out.past_key_values
+            if config.cache == "prefix":
+                past = tuple((k[:, :, :bs], v[:, :, :bs]) for k, v in past)
+        elif config.cache == "prefix":  # the block and everything after it, against the prefix K/V
+            out = denoiser(x_in[:, bs:], attn_in, past_key_values=past, start=bs, logits_slice=slice(0, be - bs))
+        else:  # dual: only the block; prefix and suffix K/V from the cache. The block's own K/V are
+            # recomputed from its current tokens at every step, so they are always fresh.
+            out = denoiser(x_in[:, bs:be], attn_in, past_key_values=past, start=bs)
+        logits = out.logits.float()
+        if logits.shape[:2] != (x_in.shape[0], be - bs):
+            raise RuntimeError(f"denoiser returned logits of shape {tuple(logits.shape)}, "
+                               f"expected [{x_in.shape[0]}, {be - bs}, V]")
+        if cfg:
+            cond, uncond = logits.chunk(2)
+            logits = uncond + (config.cfg_scale + 1) * (cond - uncond)
+        return logits, past
+
+    step = nfe = 0
+    for b in work:
+        bs, be = P + b * Lb, P + (b + 1) * Lb
+        schedule = None if config.adaptive else block_schedule(free[b], steps_per_block)
+        last_block = b == work[-1]
+        past, i = None, 0
+        while True:
+            logits, past = forward(i == 0, bs, be, past)
+            nfe += 1
+            x0, conf = _propose(logits, config, gen, eos_id, eot_id)  # [B, Lb] each
+            blk = x[:, bs:be]  # a view: writing to it updates x
+            candidates = blk == mask_id
+            conf = conf.masked_fill(~candidates, -torch.inf)
+            k = _count_to_reveal(conf, candidates, config, 0 if schedule is None else schedule[i])
+            reveal = _top_k_mask(conf, k)  # [B, Lb] bool
+            blk.copy_(torch.where(reveal, x0, blk))
+            if len(constraints):
+                x[:, c_pos] = c_tok
+            i += 1
+            if schedule is not None:
+                block_done = i == len(schedule)
+            else:  # adaptive: the one host sync of the loop
+                block_done = not bool((blk == mask_id).any())
+            step += 1
+            revealed = torch.zeros(B, L, dtype=torch.bool, device=dev)
+            revealed[:, bs:be] = reveal
+            confidence = torch.zeros(B, L, dtype=torch.float32, device=dev)
+            confidence[:, bs:be] = torch.where(reveal, conf, 0.0)
+            yield Step(ids=x.clone(), prompt_length=P, revealed=revealed, confidence=confidence,
+                       step=step, nfe=nfe, done=block_done and last_block, block=b)
+            if block_done:
+                break
+
+
+def generate(denoiser: Denoiser, prompt_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+             config: GenerationConfig | None = None, *, mask_id: int, eos_id: int,
+             eot_id: int | None = None) -> torch.Tensor:
+    """sample_steps run to the end -> ids [B, P + gen_length] (prompt included)."""
+    config = config or GenerationConfig()
+    final = None
+    for final in sample_steps(denoiser, prompt_ids, attention_mask, config, mask_id=mask_id,
+                              eos_id=eos_id, eot_id=eot_id):
+        pass
+    if final is None:  # every answer slot was fixed by a constraint: nothing to denoise
+        return initial_sequence(prompt_ids.to(denoiser.device), config, mask_id)
+    return final.ids
+
+
+# ----------------------------------------------------------------------------------------------
+# Autoregressive baseline (the ARM twin of the reversal experiment): greedy, with a K/V cache.
+
+def _is_causal(denoiser) -> bool | None:
+    if hasattr(denoiser, "causal"):
+        return bool(denoiser.causal)
+    model = getattr(denoiser, "model", None)
+    cfg = getattr(model, "config", None)
+    return None if cfg is None else bool(getattr(cfg, "causal", False))
+
+
+def arm_steps(denoiser: Denoiser, prompt_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+              max_new_tokens: int, stop_ids: Sequence[int]) -> Iterator[Step]:
+    """Greedy left-to-right decoding of a causal model, one revealed position per step.
+
+    Step.ids grows by one column per step ([B, P + step]). A row that has produced a stop id is
+    finished: its later columns hold stop_ids[0]. Stops once every row is finished.
+    """
+    if prompt_ids.dim() != 2 or prompt_ids.shape[1] < 1:
+        raise ValueError(f"prompt_ids must be a non-empty [batch, length] tensor, got {tuple(prompt_ids.shape)}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not stop_ids:
+        raise ValueError("stop_ids must hold at least one token id")
+    if _is_causal(denoiser) is False:
+        raise ValueError("arm_steps needs a causal (autoregressive) model; this one is a masked-diffusion model")
+    B, P = prompt_ids.shape
+    if P + max_new_tokens > denoiser.max_length:
+        raise ValueError(f"prompt ({P}) + max_new_tokens ({max_new_tokens}) exceeds the model's context of "
+                         f"{denoiser.max_length}")
+    if attention_mask is not None and attention_mask.shape != prompt_ids.shape:
+        raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != prompt shape {tuple(prompt_ids.shape)}")
+    return _arm(denoiser, prompt_ids, attention_mask, max_new_tokens, list(stop_ids))
+
+
+def _arm(denoiser, prompt_ids, attention_mask, max_new_tokens, stop_ids) -> Iterator[Step]:
+    dev = denoiser.device
+    x = prompt_ids.to(dev)  # [B, T]
+    B, P = x.shape
+    attn = None if attention_mask is None else attention_mask.to(dev).long()
+    stops = torch.tensor(stop_ids, dtype=torch.long, device=dev)
+    finished = torch.zeros(B, dtype=torch.bool, device=dev)
+    use_cache, past = denoiser.supports_cache, None
+    for i in range(max_new_tokens):
+        T = x.shape[1]
+        if past is None:  # prefill (or, without cache support, the whole sequence every step)
+            out = denoiser(x, attn, use_cache=use_cache, logits_slice=slice(T - 1, T))
+        else:
+            out = denoiser(x[:, -1:], attn, past_key_values=past, use_cache=True, start=T - 1)
+        past = out.past_key_values if use_cache else None
+        probs = torch.softmax(out.logits[:, -1].float(), dim=-1)  # [B, V]
+        conf, tok = probs.max(-1)
+        tok = torch.where(finished, stops[0], tok)
+        finished |= torch.isin(tok, stops)
+        x = torch.cat([x, tok[:, None]], 1)
+        if attn is not None:
+            attn = torch.cat([attn, torch.ones(B, 1, dtype=attn.dtype, device=dev)], 1)
+        revealed = torch.zeros(B, T + 1, dtype=torch.bool, device=dev)
+        revealed[:, -1] = True
+        confidence = torch.zeros(B, T + 1, dtype=torch.float32, device=dev)
+        confidence[:, -1] = conf
+        done = i == max_new_tokens - 1 or bool(finished.all())
+        yield Step(ids=x.clone(), prompt_length=P, revealed=revealed, confidence=confidence,
+                   step=i + 1, nfe=i + 1, done=done)
+        if done:
+            return
+
+
+def generate_arm(denoiser: Denoiser, prompt_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                 max_new_tokens: int, stop_ids: Sequence[int]) -> torch.Tensor:
+    """arm_steps run to the end -> ids [B, P + n], n <= max_new_tokens (prompt included)."""
+    final = None
+    for final in arm_steps(denoiser, prompt_ids, attention_mask, max_new_tokens=max_new_tokens, stop_ids=stop_ids):
+        pass
+    return final.ids
