@@ -7,6 +7,7 @@ are interchangeable behind it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -55,3 +56,287 @@ class TorchDenoiser:
         out = self.model(input_ids, attention_mask=attention_mask, past_key_values=past_key_values,
                          use_cache=use_cache, start=start, logits_slice=logits_slice)
         return DenoiserOutput(out.logits, out.past_key_values)
+
+
+class OnnxBackendError(RuntimeError):
+    """An ONNX export that cannot serve this model, or an ONNX Runtime set-up problem; says why."""
+
+
+_ORT_DTYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16,
+               "tensor(bfloat16)": torch.bfloat16}
+_OPT_LEVELS = ("disable", "basic", "extended", "all")
+# Shapes in config.json that must agree between the export and the model it serves.
+_MATCHED_FIELDS = {"vocab_size": "vocabulary size", "embedding_size": "embedding (logits) size",
+                   "d_model": "hidden size", "n_layers": "number of layers", "n_heads": "number of heads",
+                   "n_kv_heads": "number of K/V heads", "causal": "causal flag"}
+
+
+class OnnxDenoiser:
+    """An export folder of `python -m export` run by ONNX Runtime, behind the same interface.
+
+    CPU: the CPU execution provider, numpy in and out (shared memory with the torch tensors).
+    CUDA: the CUDA execution provider — an error, never a silent CPU fallback, when it cannot be
+    created — with IO binding, so ids, K/V and logits stay on the GPU between steps.
+    The cache modes use the folder's `model_with_past.onnx`; without it `supports_cache` is False.
+    Only the generic graph optimiser of ONNX Runtime runs (levels disable/basic/extended/all); the
+    causal-attention fusion presets of `onnxruntime.transformers` are never applied.
+    """
+
+    name = "onnx"
+
+    def __init__(self, folder, *, device: str | torch.device = "cpu", expect_config=None, tokenizer=None,
+                 fingerprint: str | None = None, threads: int | None = None, optimization: str = "all"):
+        import onnxruntime as ort
+
+        self.folder = Path(folder).expanduser()
+        self.device = torch.device(device)
+        self.config, self.manifest = _read_export_folder(self.folder)
+        if expect_config is not None:
+            _match_config(self.folder, self.config, expect_config)
+        if fingerprint is not None and self.manifest.get("fingerprint") not in (None, fingerprint):
+            raise OnnxBackendError(
+                f"{self.folder} was exported from other weights (fingerprint {self.manifest['fingerprint']}, "
+                f"the loaded model has {fingerprint}); export this model again")
+        if tokenizer is not None:
+            _match_tokenizer(self.folder, tokenizer)
+        if optimization not in _OPT_LEVELS:
+            raise OnnxBackendError(f"unknown optimisation level {optimization!r}; use one of {_OPT_LEVELS}")
+
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = {
+            "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}[optimization]
+        opts.intra_op_num_threads = threads or torch.get_num_threads()
+        opts.log_severity_level = 3  # errors only; ORT's warnings about unused initialisers are noise
+        if self.device.type == "cuda":
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise OnnxBackendError("device cuda was asked for, but this onnxruntime build has no "
+                                       "CUDAExecutionProvider (install onnxruntime-gpu)")
+            self._device_id = self.device.index or 0
+            providers = [("CUDAExecutionProvider", {"device_id": self._device_id}), "CPUExecutionProvider"]
+        elif self.device.type == "cpu":
+            providers = ["CPUExecutionProvider"]
+        else:
+            raise OnnxBackendError(f"the ONNX back end runs on cpu or cuda, not {self.device}")
+
+        self.session = _open_session(self.folder / "model.onnx", opts, providers)
+        self.providers = self.session.get_providers()
+        if self.device.type == "cuda" and "CUDAExecutionProvider" not in self.providers:
+            # ORT falls back to CPU without a word when the CUDA/cuDNN libraries fail to load.
+            raise OnnxBackendError(
+                f"ONNX Runtime could not create the CUDA execution provider (session providers: "
+                f"{self.providers}); check that the CUDA and cuDNN libraries onnxruntime-gpu needs are installed")
+        past_file = self.folder / "model_with_past.onnx"
+        self.past_session = _open_session(past_file, opts, providers) if past_file.is_file() else None
+        self.supports_cache = self.past_session is not None
+        self._check_graph(expect_config)
+        self.max_length = self.config["max_sequence_length"]
+        self.causal = bool(self.config.get("causal", False))  # the ARM twin exports with causal=True
+        self._n_layers, self._n_kv, self._head_dim = (
+            self.config["n_layers"], self.config.get("n_kv_heads") or self.config["n_heads"],
+            self.config["d_model"] // self.config["n_heads"])
+
+    def _check_graph(self, expect_config) -> None:
+        inputs = [i.name for i in self.session.get_inputs()]
+        outputs = self.session.get_outputs()
+        if inputs != ["input_ids", "attention_mask"] or outputs[0].name != "logits":
+            raise OnnxBackendError(f"{self.folder / 'model.onnx'} is not a denoiser graph: inputs {inputs}, "
+                                   f"outputs {[o.name for o in outputs]} (want input_ids, attention_mask -> logits)")
+        self.dtype = _ORT_DTYPES.get(outputs[0].type)
+        if self.dtype is None or (self.dtype == torch.bfloat16):
+            raise OnnxBackendError(f"logits of type {outputs[0].type} are not supported by this back end "
+                                   "(export fp32 for CPUs, fp16 for GPUs)")
+        vocab = outputs[0].shape[-1]
+        want = (expect_config.embedding_size if expect_config is not None else self.config["embedding_size"])
+        if vocab != want:
+            raise OnnxBackendError(f"{self.folder / 'model.onnx'} produces {vocab} logits per position, "
+                                   f"the model has {want}: the graph belongs to another model")
+        d_model = _graph_hidden_size(self.folder / "model.onnx")
+        want = expect_config.d_model if expect_config is not None else self.config["d_model"]
+        if d_model is not None and d_model != want:
+            raise OnnxBackendError(f"{self.folder / 'model.onnx'} has hidden size {d_model}, the model has "
+                                   f"{want}: the graph belongs to another model")
+
+    def __call__(self, input_ids, attention_mask=None, *, past_key_values=None, use_cache=False,
+                 start=0, logits_slice=None) -> DenoiserOutput:
+        B, T = input_ids.shape
+        V = self.config["embedding_size"]
+        past_len = 0 if past_key_values is None else past_key_values[0][0].shape[2]
+        S = max(start + T, past_len)  # number of keys, as in modeling.py
+        if S > self.max_length:
+            raise ValueError(f"sequence of {S} tokens exceeds max_sequence_length {self.max_length}")
+        if attention_mask is None:
+            attention_mask = torch.ones(B, S, dtype=torch.long, device=input_ids.device)
+        elif attention_mask.shape != (B, S):
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, S)}")
+        feeds = {"input_ids": input_ids.long(), "attention_mask": attention_mask.long()}
+        if past_key_values is None and not use_cache:
+            if start != 0:
+                raise ValueError("start > 0 needs past_key_values for the positions before it")
+            logits, = self._run(self.session, feeds, {"logits": (B, T, V)}, cpu_feeds={})
+            presents = None
+        else:
+            if self.past_session is None:
+                raise OnnxBackendError(f"{self.folder} has no K/V-cache graph (model_with_past.onnx); "
+                                       "use cache='none' or export again with the cache variant")
+            if past_key_values is None and start != 0:
+                raise ValueError("start > 0 needs past_key_values for the positions before it")
+            if past_key_values is not None and len(past_key_values) != self._n_layers:
+                raise ValueError(f"past_key_values has {len(past_key_values)} layers, model has {self._n_layers}")
+            if past_len < start and past_key_values is not None:
+                raise ValueError(f"the cache covers {past_len} positions, but the queries start at {start}")
+            kv_shape = (B, self._n_kv, S, self._head_dim)
+            for i in range(self._n_layers):
+                for j, kind in enumerate(("key", "value")):
+                    feeds[f"past_key_values.{i}.{kind}"] = self._full_length_past(
+                        None if past_key_values is None else past_key_values[i][j], kv_shape, input_ids.device)
+            wanted = {"logits": (B, T, V)}
+            wanted.update({f"present.{i}.{kind}": kv_shape for i in range(self._n_layers) for kind in ("key", "value")})
+            outs = self._run(self.past_session, feeds, wanted, cpu_feeds={"start": start})
+            logits = outs[0]
+            presents = tuple((outs[1 + 2 * i], outs[2 + 2 * i]) for i in range(self._n_layers)) if use_cache else None
+        if logits_slice is not None:
+            logits = logits[:, logits_slice]
+        return DenoiserOutput(logits, presents)
+
+    def _full_length_past(self, past: torch.Tensor | None, shape, device) -> torch.Tensor:
+        """The cache padded with zero slots to S keys (the graph overwrites the query slots)."""
+        if past is None:
+            return torch.zeros(shape, dtype=self.dtype, device=device)
+        past = past.to(self.dtype)
+        missing = shape[2] - past.shape[2]
+        if missing:
+            pad = torch.zeros(*shape[:2], missing, shape[3], dtype=self.dtype, device=past.device)
+            past = torch.cat([past, pad], dim=2)
+        return past
+
+    def _run(self, session, feeds: dict, outputs: dict, cpu_feeds: dict) -> list[torch.Tensor]:
+        """One session run; `outputs` maps names to shapes; `cpu_feeds` are host scalars (int64)."""
+        import numpy as np
+
+        if self.device.type == "cpu":
+            arrays = {k: v.detach().cpu().contiguous().numpy() for k, v in feeds.items()}
+            arrays.update({k: np.asarray(v, dtype=np.int64) for k, v in cpu_feeds.items()})
+            return [torch.from_numpy(a) for a in session.run(list(outputs), arrays)]
+        # CUDA: bind torch's GPU buffers in place; outputs are allocated by torch (its caching
+        # allocator makes per-step allocation cheap) and filled by ONNX Runtime.
+        binding = session.io_binding()
+        keep = []  # the bound tensors must outlive the run
+        for name, t in feeds.items():
+            t = t.to(self.device).contiguous()
+            keep.append(t)
+            binding.bind_input(name, "cuda", self._device_id, _numpy_dtype(t.dtype), tuple(t.shape), t.data_ptr())
+        for name, value in cpu_feeds.items():
+            keep.append(np.asarray(value, dtype=np.int64))
+            binding.bind_cpu_input(name, keep[-1])
+        results = []
+        for name, shape in outputs.items():
+            o = torch.empty(shape, dtype=self.dtype, device=self.device)
+            results.append(o)
+            binding.bind_output(name, "cuda", self._device_id, _numpy_dtype(o.dtype), tuple(shape), o.data_ptr())
+        # ORT runs on its own CUDA stream: let torch's pending work on the inputs finish first.
+        torch.cuda.current_stream(self.device).synchronize()
+        session.run_with_iobinding(binding)
+        return results
+
+
+def _numpy_dtype(dtype: torch.dtype):
+    import numpy as np
+    return {torch.int64: np.int64, torch.float32: np.float32, torch.float16: np.float16}[dtype]
+
+
+def _read_export_folder(folder: Path) -> tuple[dict, dict]:
+    """config.json and onnx_export.json of an export folder, with a clear error for what is missing."""
+    import json
+
+    if not folder.is_dir():
+        raise OnnxBackendError(f"ONNX export folder not found: {folder}")
+    if not (folder / "model.onnx").is_file():
+        raise OnnxBackendError(f"{folder} has no model.onnx: not an ONNX export (run python -m export)")
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except FileNotFoundError:
+        raise OnnxBackendError(f"{folder} has no config.json next to model.onnx") from None
+    except json.JSONDecodeError as e:
+        raise OnnxBackendError(f"{folder / 'config.json'} is not valid JSON: {e}") from None
+    if config.get("model_type") != "llada":
+        raise OnnxBackendError(f"{folder} holds a {config.get('model_type')!r} export, not a LLaDA model")
+    manifest_path = folder / "onnx_export.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    return config, manifest
+
+
+def _match_config(folder: Path, config: dict, expect) -> None:
+    for field, words in _MATCHED_FIELDS.items():
+        have, want = config.get(field), getattr(expect, field)
+        if field == "n_kv_heads":
+            have = have or config.get("n_heads")
+        if have != want:
+            raise OnnxBackendError(f"{folder} was exported from a model with {words} {have}, but the loaded "
+                                   f"model has {want}: this export belongs to another model")
+
+
+def _match_tokenizer(folder: Path, tokenizer) -> None:
+    from transformers import AutoTokenizer
+
+    if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        raise OnnxBackendError(f"{folder} has no tokenizer files (tokenizer.json); export the model again")
+    try:
+        theirs = AutoTokenizer.from_pretrained(str(folder))
+    except Exception as e:  # tokenizers raises plain Exception for a broken tokenizer.json
+        raise OnnxBackendError(f"the tokenizer in {folder} cannot be read: {e}") from None
+    if theirs.get_vocab() != tokenizer.get_vocab():
+        raise OnnxBackendError(f"the tokenizer in {folder} ({len(theirs)} tokens) differs from the loaded "
+                               f"model's ({len(tokenizer)} tokens): this export belongs to another model")
+
+
+def _open_session(path: Path, opts, providers):
+    import onnxruntime as ort
+
+    try:
+        return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+    except Exception as e:  # ORT raises InvalidProtobuf / Fail / RuntimeException for broken files
+        if "NOT_IMPLEMENTED" in str(e):
+            raise OnnxBackendError(
+                f"ONNX Runtime has no kernel for an operator of {path} on {providers}: {str(e).strip()[:200]} "
+                "(bf16 graphs run on very few ORT kernels: export fp32 for CPUs, fp16 for GPUs)") from None
+        raise OnnxBackendError(f"{path} is corrupt or unreadable by ONNX Runtime: {type(e).__name__}: "
+                               f"{str(e).strip()[:300]}") from None
+
+
+def _graph_hidden_size(path: Path) -> int | None:
+    """d_model from the embedding table's shape in the graph (weights are not read)."""
+    import onnx
+
+    try:
+        graph = onnx.load(str(path), load_external_data=False).graph
+    except Exception as e:
+        raise OnnxBackendError(f"{path} is corrupt: {e}") from None
+    for init in graph.initializer:
+        if init.name.endswith("transformer.wte.weight") and len(init.dims) == 2:
+            return int(init.dims[1])
+    return None
+
+
+def build_denoiser(loaded, backend: str = "torch", *, onnx_dir=None, onnx_dtype: str | None = None,
+                   cache_root=None, progress=None):
+    """The denoiser an app or CLI asked for with `--backend torch|onnx [--onnx DIR]`.
+
+    With `onnx` and no folder, the model is exported once (parity-checked, with progress) into the
+    cache folder ~/.cache/llada-studio/onnx/<name>-<weights fingerprint>-<dtype> and reused after.
+    Any folder is checked against the loaded model (shapes, tokenizer, weight fingerprint).
+    """
+    if backend == "torch":
+        return TorchDenoiser(loaded.model)
+    if backend != "onnx":
+        raise ValueError(f"unknown back end {backend!r}; use 'torch' or 'onnx'")
+    from export.onnx_export import cached_export, model_fingerprint
+
+    device = loaded.device
+    dtype = onnx_dtype or ("fp16" if device.type == "cuda" else "fp32")
+    if onnx_dir is None:
+        onnx_dir = cached_export(loaded, dtype=dtype, device=device.type, root=cache_root, progress=progress)
+    return OnnxDenoiser(onnx_dir, device=device, expect_config=loaded.model.config, tokenizer=loaded.tokenizer,
+                        fingerprint=model_fingerprint(loaded.model))

@@ -1,0 +1,420 @@
+"""Export a LLaDA denoiser to ONNX, check it against PyTorch, and keep exports in a reusable cache.
+
+An export folder follows the Hugging Face / Optimum layout, so other ONNX tooling can open it:
+
+    model.onnx               input_ids [batch, seq] int64, attention_mask [batch, seq] int64
+                             -> logits [batch, seq, vocab]           (the plain denoiser)
+    model.onnx.data          the weights, only when the graph is over 2 GB (likewise for the cache graph)
+    model_with_past.onnx     the K/V-cache variant (optional, see `CacheGraph`)
+    config.json, tokenizer files
+    onnx_export.json         manifest: source model, weight fingerprint, dtype, opset, graphs
+    parity.json              the PyTorch vs ONNX Runtime check (with --check)
+
+Attention stays bidirectional: the graphs are exported at opset 18, where scaled-dot-product attention
+becomes plain MatMul/Softmax, and sessions are created with ONNX Runtime's generic graph optimiser
+only (never the LLaMA/GPT-2 presets of `onnxruntime.transformers`, which assume a causal mask).
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from llada_app.modeling import LLaDAModelLM, apply_rope, rope_cos_sin
+
+Progress = Callable[[float, str], None]  # (fraction done in [0, 1], what is happening)
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DEFAULT_OPSET = 18  # the exporter's own opset: SDPA decomposes into MatMul/Softmax (no fused Attention op)
+MODEL_FILE, PAST_FILE, MANIFEST_FILE, PARITY_FILE = (
+    "model.onnx", "model_with_past.onnx", "onnx_export.json", "parity.json")
+EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's hard limit is 2 GiB; keep room for the graph itself
+CACHE_ROOT = Path(os.environ.get("LLADA_STUDIO_CACHE", Path.home() / ".cache" / "llada-studio")) / "onnx"
+
+
+class ExportError(RuntimeError):
+    """The export or its parity check failed; the message says why."""
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    rel: float  # max |Δlogits| / max |logits| allowed
+    argmax: float  # smallest fraction of positions whose argmax must agree
+
+
+# Reference and graph run in the same dtype, so half precision only differs by kernel rounding.
+TOLERANCES = {"fp32": Tolerance(rel=1e-4, argmax=0.99),
+              "fp16": Tolerance(rel=2e-2, argmax=0.9),
+              "bf16": Tolerance(rel=5e-2, argmax=0.9)}
+
+
+# ---------------------------------------------------------------- graphs
+
+class LogitsGraph(nn.Module):
+    """input_ids [B, T], attention_mask [B, T] -> logits [B, T, V]: the full bidirectional forward."""
+
+    def __init__(self, model: LLaDAModelLM):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        return self.model(input_ids, attention_mask=attention_mask).logits
+
+
+class CacheGraph(nn.Module):
+    """The forward pass with K/V caches, with `start` as a tensor so one graph serves every block.
+
+    Inputs: input_ids [B, T] (positions start .. start+T-1), attention_mask [B, S] over keys,
+    start [] int64, and per layer past key/value [B, n_kv, S, hd]. Outputs: logits [B, T, V] and per
+    layer present key/value [B, n_kv, S, hd] = the past with slots start .. start+T-1 overwritten by
+    the fresh K/V. That is modeling.py's cache rule with the past padded to the full length S: the
+    dual cache passes its past as it is; the prefix cache (past length == start) pads it with T
+    zero slots first, which are then overwritten. The slices of modeling.py (`past[:, :, :start]`)
+    would need `start` as a Python int, which would bake one block position into the graph; here the
+    overwrite is a gather + where on positions, which keeps every shape symbolic.
+    """
+
+    def __init__(self, model: LLaDAModelLM):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, start, *past):
+        cfg, tr = self.model.config, self.model.model.transformer
+        B, T = input_ids.shape
+        S = attention_mask.shape[1]
+        x = tr.wte(input_ids)  # [B, T, d]
+        positions = start + torch.arange(T, device=x.device)  # [T] absolute query positions
+        rope_dtype = torch.promote_types(x.dtype, torch.float32)
+        cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, rope_dtype)
+        keys = torch.arange(S, device=x.device)  # [S]
+        fresh = ((keys >= start) & (keys < start + T))[None, None, :, None]  # [1, 1, S, 1]
+        take = (keys - start).clamp(0, T - 1)  # [S] which new K/V row lands in each key slot
+        allowed = attention_mask.bool()[:, None, None, :]  # [B, 1, 1, S]
+        if cfg.causal:
+            allowed = allowed & (keys[None, :] <= positions[:, None])  # [B, 1, T, S]
+        bias = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill(
+            ~allowed, torch.finfo(x.dtype).min)
+        presents = []
+        for i, block in enumerate(tr.blocks):
+            x, k, v = _block_with_cache(block, x, cos, sin, bias, past[2 * i], past[2 * i + 1], fresh, take)
+            presents += [k, v]
+        logits = F.linear(tr.ln_f(x), tr.wte.weight if cfg.weight_tying else tr.ff_out.weight)
+        return (logits, *presents)
+
+
+def _block_with_cache(block, x, cos, sin, bias, past_k, past_v, fresh, take):
+    """LLaDABlock.forward with the cache overwrite done by position masks (same order of operations)."""
+    B, T, _ = x.shape
+    h = block.attn_norm(x)
+    q = block.q_proj(h).view(B, T, block.n_heads, block.head_dim).transpose(1, 2)  # [B, nh, T, hd]
+    k = block.k_proj(h).view(B, T, block.n_kv_heads, block.head_dim).transpose(1, 2)  # [B, nkv, T, hd]
+    v = block.v_proj(h).view(B, T, block.n_kv_heads, block.head_dim).transpose(1, 2)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    k = torch.where(fresh, k.index_select(2, take), past_k)  # [B, nkv, S, hd]
+    v = torch.where(fresh, v.index_select(2, take), past_v)
+    present_k, present_v = k, v
+    if block.n_kv_heads != block.n_heads:
+        rep = block.n_heads // block.n_kv_heads
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    a = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    x = x + block.attn_out(a.transpose(1, 2).reshape(B, T, -1))
+    m = block.ff_norm(x)
+    x = x + block.ff_out(F.silu(block.ff_proj(m)) * block.up_proj(m))
+    return x, present_k, present_v
+
+
+def past_names(n_layers: int) -> tuple[list[str], list[str]]:
+    """Optimum's names for the cache inputs and outputs, key then value per layer."""
+    inputs = [f"past_key_values.{i}.{kv}" for i in range(n_layers) for kv in ("key", "value")]
+    outputs = [f"present.{i}.{kv}" for i in range(n_layers) for kv in ("key", "value")]
+    return inputs, outputs
+
+
+# ---------------------------------------------------------------- export
+
+def model_fingerprint(model: LLaDAModelLM) -> str:
+    """A short hash of the config and the weights (names, shapes and an evenly strided
+    sample of up to 4096 values per tensor), so that re-hashing an 8B model takes seconds, not minutes.
+    Two different trainings of the same shape differ in every sampled value, so they never collide."""
+    h = hashlib.sha256()
+    cfg = model.config.to_dict()
+    for volatile in ("transformers_version", "_name_or_path", "auto_map", "torch_dtype", "dtype",
+                     "architectures"):
+        cfg.pop(volatile, None)
+    h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
+    with torch.no_grad():
+        for name, p in model.state_dict().items():
+            flat = p.detach().reshape(-1)
+            step = max(1, flat.numel() // 4096)
+            # bf16-rounded: the same checkpoint loaded in fp32, fp16 or bf16 hashes alike
+            sample = flat[::step][:4096].to(torch.bfloat16).float().cpu()
+            h.update(f"{name}{tuple(p.shape)}".encode())
+            h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def export_onnx(loaded, out_dir: str | os.PathLike, *, dtype: str = "fp32", device: str = "cpu",
+                opset: int = DEFAULT_OPSET, with_past: bool = True,
+                progress: Progress | None = None) -> Path:
+    """Export `loaded` (a llada_app.loading.LoadedModel) into `out_dir`; returns the folder.
+
+    The model is exported in `dtype` on `device`; if the loaded model sits elsewhere, a converted
+    copy is made (which needs the memory of a second model). The folder is written under a
+    temporary name and renamed at the end, so a crash never leaves a half-written export.
+    """
+    if dtype not in DTYPES:
+        raise ExportError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}")
+    progress = progress or (lambda f, msg: None)
+    out = Path(out_dir).expanduser().resolve()
+    if out.exists() and any(out.iterdir()) and not (out / MANIFEST_FILE).is_file():
+        raise ExportError(f"{out} exists and is not an ONNX export folder; refusing to overwrite it")
+    model = _model_for_export(loaded.model, DTYPES[dtype], torch.device(device))
+    cfg = model.config
+    fingerprint = model_fingerprint(loaded.model)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp's 0700 would make the export private to this user
+    try:
+        t0 = time.perf_counter()
+        progress(0.0, "exporting the denoiser graph")
+        external = _export_graph(LogitsGraph(model), model, tmp / MODEL_FILE, opset, with_past=False)
+        graphs = {"model": dict(file=MODEL_FILE, inputs=["input_ids", "attention_mask"], outputs=["logits"],
+                                external_data=external)}
+        if with_past:
+            progress(0.45, "exporting the K/V-cache graph")
+            external_p = _export_graph(CacheGraph(model), model, tmp / PAST_FILE, opset, with_past=True)
+            pin, pout = past_names(cfg.n_layers)
+            graphs["model_with_past"] = dict(
+                file=PAST_FILE, inputs=["input_ids", "attention_mask", "start", *pin],
+                outputs=["logits", *pout], external_data=external_p)
+        progress(0.9, "writing config and tokenizer")
+        cfg.save_pretrained(tmp)
+        if loaded.tokenizer is not None:  # None only for random-weight benchmark models
+            loaded.tokenizer.save_pretrained(tmp)
+        manifest = dict(
+            source=loaded.name, fingerprint=fingerprint, dtype=dtype, opset=opset,
+            export_device=str(device), graphs=graphs, vocab_size=cfg.vocab_size,
+            embedding_size=cfg.embedding_size, d_model=cfg.d_model, n_layers=cfg.n_layers,
+            n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim, causal=cfg.causal,
+            export_seconds=round(time.perf_counter() - t0, 2), versions=_versions())
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    progress(1.0, f"exported to {out}")
+    return out
+
+
+def _model_for_export(model: LLaDAModelLM, dtype: torch.dtype, device: torch.device) -> LLaDAModelLM:
+    p = next(model.parameters())
+    if p.dtype == dtype and p.device.type == device.type:
+        return model.eval()
+    return copy.deepcopy(model).to(device=device, dtype=dtype).eval()
+
+
+def _export_graph(graph: nn.Module, model: LLaDAModelLM, path: Path, opset: int, with_past: bool) -> bool:
+    """Trace `graph` with torch.export (dynamo) and save it; returns whether weights went to a data file.
+
+    Example inputs have batch 2 and seq >= 2 so that neither axis is specialised to 0/1.
+    """
+    cfg = model.config
+    dev = next(model.parameters()).device
+    dim = torch.export.Dim
+    batch = dim("batch", min=1, max=4096)
+    seq = dim("seq", min=1, max=cfg.max_sequence_length)
+    B, T = 2, 8
+    ids = torch.randint(0, cfg.vocab_size, (B, T), device=dev)
+    if not with_past:
+        args = (ids, torch.ones(B, T, dtype=torch.long, device=dev))
+        shapes = ({0: batch, 1: seq}, {0: batch, 1: seq})
+        names, outputs = ["input_ids", "attention_mask"], ["logits"]
+    else:
+        total = dim("total", min=1, max=cfg.max_sequence_length)
+        S, start = 3 * T, T  # a block in the middle: keys on both sides, as in the dual cache
+        kv = torch.zeros(B, cfg.n_kv_heads, S, cfg.head_dim, dtype=next(model.parameters()).dtype, device=dev)
+        args = (ids, torch.ones(B, S, dtype=torch.long, device=dev), torch.tensor(start, device=dev),
+                *[kv.clone() for _ in range(2 * cfg.n_layers)])
+        shapes = ({0: batch, 1: seq}, {0: batch, 1: total}, None,
+                  tuple({0: batch, 2: total} for _ in range(2 * cfg.n_layers)))  # *past: one varargs tuple
+        pin, pout = past_names(cfg.n_layers)
+        names, outputs = ["input_ids", "attention_mask", "start", *pin], ["logits", *pout]
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed" notes
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the exporter's FutureWarnings/axis-name notes are noise here
+        try:
+            program = torch.onnx.export(
+                graph.eval(), args, dynamo=True, opset_version=opset, input_names=names,
+                output_names=outputs, dynamic_shapes=shapes, verbose=False)
+        except Exception as e:
+            raise ExportError(f"torch.onnx.export failed for {path.name}: {type(e).__name__}: {e}") from e
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    external = weight_bytes > EXTERNAL_DATA_BYTES
+    program.save(str(path), external_data=external)
+    return external
+
+
+def _versions() -> dict:
+    import onnx
+    import onnxruntime
+    return dict(torch=torch.__version__, onnx=onnx.__version__, onnxruntime=onnxruntime.__version__)
+
+
+# ---------------------------------------------------------------- parity
+
+def check_parity(loaded, folder: str | os.PathLike, *, device: str = "cpu", seed: int = 0,
+                 progress: Progress | None = None, write: bool = True) -> dict:
+    """Run PyTorch and ONNX Runtime on the same random inputs and compare the logits.
+
+    Cases: batch 1 and 2, short and long, with left padding in the batch of 2; and, when the folder
+    has the K/V-cache graph, a full pass returning the cache, a prefix-cache step and a dual-cache
+    step. Records max |Δlogits| (absolute and relative to max |logits|) and argmax agreement; raises
+    ExportError past the dtype's tolerance (after writing parity.json, so the figures can be read).
+    """
+    from llada_app.backends import OnnxDenoiser, TorchDenoiser
+
+    progress = progress or (lambda f, msg: None)
+    folder = Path(folder)
+    manifest = json.loads((folder / MANIFEST_FILE).read_text())
+    dtype = manifest["dtype"]
+    tol = TOLERANCES[dtype]
+    model = _model_for_export(loaded.model, DTYPES[dtype], torch.device(device))
+    ref = TorchDenoiser(model)
+    onnx = OnnxDenoiser(folder, device=device, expect_config=model.config, tokenizer=loaded.tokenizer)
+    cfg = model.config
+    gen = torch.Generator().manual_seed(seed)
+    long = min(cfg.max_sequence_length, 160)
+    short = min(cfg.max_sequence_length, 17)
+    cases = [("batch 1, seq 2", 1, 2, 0), (f"batch 1, seq {short}", 1, short, 0),
+             (f"batch 2, seq {short}, padded", 2, short, short // 3),
+             (f"batch 2, seq {long}, padded", 2, long, long // 4)]
+    pad = loaded.ids.pad
+    results = []
+    total = len(cases) + (3 if onnx.supports_cache else 0)
+    for n, (label, B, T, n_pad) in enumerate(cases):
+        progress(n / total, f"parity: {label}")
+        ids = torch.randint(0, cfg.vocab_size, (B, T), generator=gen)
+        mask = torch.ones(B, T, dtype=torch.long)
+        if n_pad:
+            ids[1, :n_pad], mask[1, :n_pad] = pad, 0  # left padding on the second row
+        ids, mask = ids.to(ref.device), mask.to(ref.device)
+        want = ref(ids, mask).logits
+        got = onnx(ids.to(onnx.device), mask.to(onnx.device)).logits
+        results.append(dict(case=label, graph="model", **_compare(want, got, tol)))
+    if onnx.supports_cache:
+        results += _cache_cases(ref, onnx, cfg, gen, tol, pad, long, lambda i, msg: progress(
+            (len(cases) + i) / total, msg))
+    report = dict(source=loaded.name, fingerprint=manifest["fingerprint"], dtype=dtype, device=device,
+                  providers=onnx.providers, tolerance=asdict(tol), cases=results,
+                  max_abs_diff=max(r["max_abs_diff"] for r in results),
+                  min_argmax_agreement=min(r["argmax_agreement"] for r in results),
+                  passed=all(r["passed"] for r in results))
+    if write:
+        (folder / PARITY_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    progress(1.0, "parity: " + ("passed" if report["passed"] else "FAILED"))
+    if not report["passed"]:
+        bad = [r for r in results if not r["passed"]]
+        raise ExportError(
+            f"ONNX Runtime disagrees with PyTorch past the {dtype} tolerance (rel {tol.rel}, argmax "
+            f"{tol.argmax}) in {len(bad)} case(s): " + "; ".join(
+                f"{r['case']}: max|Δ| {r['max_abs_diff']:.3g} (rel {r['rel_diff']:.3g}), argmax "
+                f"{r['argmax_agreement']:.3f}" for r in bad) + f". Figures in {folder / PARITY_FILE}")
+    return report
+
+
+def _cache_cases(ref, onnx, cfg, gen, tol, pad, L, progress) -> list[dict]:
+    """Full pass with use_cache, then a prefix-cache and a dual-cache step over a middle block."""
+    B, blk = 2, max(2, min(32, L // 4))
+    start = L // 2
+    ids = torch.randint(0, cfg.vocab_size, (B, L), generator=gen)
+    mask = torch.ones(B, L, dtype=torch.long)
+    ids[1, :L // 4], mask[1, :L // 4] = pad, 0
+    ids, mask = ids.to(ref.device), mask.to(ref.device)
+    out = []
+    progress(0, "parity: full pass with cache")
+    want, got = ref(ids, mask, use_cache=True), onnx(ids.to(onnx.device), mask.to(onnx.device), use_cache=True)
+    k_diff = max((w[0].float() - g[0].to(w[0]).float()).abs().max().item()
+                 for w, g in zip(want.past_key_values, got.past_key_values))
+    out.append(dict(case=f"full pass with cache, seq {L}", graph="model_with_past",
+                    max_key_diff=k_diff, **_compare(want.logits, got.logits, tol)))
+    progress(1, "parity: prefix-cache step")
+    prefix = tuple((k[:, :, :start], v[:, :, :start]) for k, v in want.past_key_values)
+    w = ref(ids[:, start:], mask, past_key_values=prefix, use_cache=True, start=start)
+    onnx_prefix = tuple((k.to(onnx.device), v.to(onnx.device)) for k, v in prefix)
+    g = onnx(ids[:, start:].to(onnx.device), mask.to(onnx.device), past_key_values=onnx_prefix,
+             use_cache=True, start=start)
+    out.append(dict(case=f"prefix cache, start {start}", graph="model_with_past", **_compare(w.logits, g.logits, tol)))
+    progress(2, "parity: dual-cache step")
+    onnx_full = tuple((k.to(onnx.device), v.to(onnx.device)) for k, v in want.past_key_values)
+    w = ref(ids[:, start:start + blk], mask, past_key_values=want.past_key_values, start=start)
+    g = onnx(ids[:, start:start + blk].to(onnx.device), mask.to(onnx.device), past_key_values=onnx_full,
+             start=start)
+    out.append(dict(case=f"dual cache, block {start}..{start + blk}", graph="model_with_past",
+                    **_compare(w.logits, g.logits, tol)))
+    return out
+
+
+def _compare(want: torch.Tensor, got: torch.Tensor, tol: Tolerance) -> dict:
+    want, got = want.float().cpu(), got.float().cpu()
+    if want.shape != got.shape:
+        return dict(shape=list(want.shape), max_abs_diff=float("inf"), rel_diff=float("inf"),
+                    argmax_agreement=0.0, passed=False, error=f"shape {list(got.shape)}")
+    diff = (want - got).abs().max().item()
+    rel = diff / max(want.abs().max().item(), 1e-6)
+    agree = (want.argmax(-1) == got.argmax(-1)).float().mean().item()
+    return dict(shape=list(want.shape), max_abs_diff=diff, rel_diff=rel, argmax_agreement=agree,
+                passed=rel <= tol.rel and agree >= tol.argmax)
+
+
+# ---------------------------------------------------------------- cache folder
+
+def cache_folder(loaded, dtype: str = "fp32", root: str | os.PathLike | None = None) -> Path:
+    """Where the export of this model (by weight fingerprint) in this dtype lives in the cache."""
+    root = Path(root) if root else CACHE_ROOT
+    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in loaded.name) or "model"
+    return root / f"{name}-{model_fingerprint(loaded.model)}-{dtype}"
+
+
+def cached_export(loaded, *, dtype: str = "fp32", device: str = "cpu", root: str | os.PathLike | None = None,
+                  check: bool = True, with_past: bool | None = None, progress: Progress | None = None) -> Path:
+    """Export once into the cache folder (with the parity check) and reuse it on later calls.
+
+    with_past None: the K/V-cache graph too, unless the weights need an external data file — each
+    graph carries its own copy of the weights, so for large models it would double the disk used.
+    """
+    if with_past is None:
+        weight_bytes = sum(p.numel() for p in loaded.model.parameters()) * DTYPES[dtype].itemsize
+        with_past = weight_bytes <= EXTERNAL_DATA_BYTES
+    folder = cache_folder(loaded, dtype, root)
+    if (folder / MANIFEST_FILE).is_file() and (folder / MODEL_FILE).is_file():
+        return folder
+    progress = progress or (lambda f, msg: None)
+    # Export and check under a side name, then rename: a folder under the final name has passed.
+    partial = folder.with_name(folder.name + ".partial")
+    export_onnx(loaded, partial, dtype=dtype, device=device, with_past=with_past,
+                progress=lambda f, msg: progress(0.7 * f if check else f, msg))
+    try:
+        if check:
+            check_parity(loaded, partial, device=device, progress=lambda f, msg: progress(0.7 + 0.3 * f, msg))
+        if folder.exists():
+            shutil.rmtree(folder)
+        partial.rename(folder)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)  # a failed check leaves nothing to reuse
+    return folder

@@ -1,0 +1,389 @@
+"""ONNX export and the ONNX Runtime back end (CPU EP): parity with PyTorch, the sampler on both back
+ends, and the clear errors for exports that do not belong to the model."""
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from export.onnx_export import (
+    MANIFEST_FILE, PARITY_FILE, TOLERANCES, ExportError, cache_folder, cached_export, check_parity, export_onnx,
+    model_fingerprint)
+from llada_app.backends import OnnxBackendError, OnnxDenoiser, TorchDenoiser, build_denoiser
+from llada_app.loading import DEFAULT_MODEL, LoadedModel, load_model, special_ids
+from llada_app.modeling import LLaDAModelLM
+
+from conftest import tiny_config
+
+TOL = TOLERANCES["fp32"]
+
+
+def _assert_close(want: torch.Tensor, got: torch.Tensor):
+    assert got.shape == want.shape
+    scale = want.abs().max().item()
+    assert (want - got).abs().max().item() <= TOL.rel * scale, "ONNX logits differ from PyTorch"
+    assert (want.argmax(-1) == got.argmax(-1)).float().mean().item() >= TOL.argmax
+
+
+def _loaded(model, tokenizer, name) -> LoadedModel:
+    return LoadedModel(model.eval(), tokenizer, special_ids(tokenizer, model.config), name=name)
+
+
+@pytest.fixture(scope="session")
+def tiny_loaded(tiny_model_dir):
+    return load_model(str(tiny_model_dir), device="cpu", dtype="fp32")
+
+
+@pytest.fixture(scope="session")
+def onnx_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("onnx-cache")
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tiny_loaded, onnx_root) -> Path:
+    """The tiny model exported once per session, through the cache helper (export + parity check)."""
+    return cached_export(tiny_loaded, root=onnx_root)
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tiny_export, tiny_loaded) -> OnnxDenoiser:
+    return OnnxDenoiser(tiny_export, expect_config=tiny_loaded.model.config, tokenizer=tiny_loaded.tokenizer,
+                        fingerprint=model_fingerprint(tiny_loaded.model))
+
+
+def _random_batch(cfg, pad_id, B, T, n_pad, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, cfg.vocab_size, (B, T), generator=gen)
+    mask = torch.ones(B, T, dtype=torch.long)
+    if n_pad:
+        ids[-1, :n_pad], mask[-1, :n_pad] = pad_id, 0
+    return ids, mask
+
+
+# ---------------------------------------------------------------- export and parity
+
+def test_export_folder_layout(tiny_export, tiny_loaded):
+    names = {p.name for p in tiny_export.iterdir()}
+    assert {"model.onnx", "model_with_past.onnx", "config.json", "tokenizer.json", MANIFEST_FILE,
+            PARITY_FILE} <= names
+    manifest = json.loads((tiny_export / MANIFEST_FILE).read_text())
+    assert manifest["fingerprint"] == model_fingerprint(tiny_loaded.model)
+    assert manifest["dtype"] == "fp32" and manifest["graphs"]["model"]["external_data"] is False
+    parity = json.loads((tiny_export / PARITY_FILE).read_text())
+    assert parity["passed"] and parity["providers"][0] == "CPUExecutionProvider"
+    shapes = {tuple(c["shape"][:2]) for c in parity["cases"]}
+    assert {(1, 2), (2, 160)} <= shapes and any("padded" in c["case"] for c in parity["cases"])
+    assert parity["max_abs_diff"] <= TOL.rel * 10  # random tiny model: |logits| is of order 1
+
+
+def test_graph_axes_are_dynamic(tiny_export):
+    import onnx
+
+    graph = onnx.load(str(tiny_export / "model.onnx"), load_external_data=False).graph
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input}
+    assert dims["input_ids"] == dims["attention_mask"] and all(isinstance(d, str) for d in dims["input_ids"])
+    assert graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.INT64
+    fused = {"Attention", "GroupQueryAttention", "MultiHeadAttention"}  # GQA is causal-only in ORT
+    assert not {n.op_type for n in graph.node} & fused
+
+
+def test_ort_optimiser_fuses_no_attention(tiny_export, tmp_path):
+    """What ONNX Runtime actually runs at the highest optimisation level still has plain attention."""
+    import onnx
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.optimized_model_filepath = str(tmp_path / "optimised.onnx")
+    opts.log_severity_level = 3
+    ort.InferenceSession(str(tiny_export / "model_with_past.onnx"), opts, providers=["CPUExecutionProvider"])
+    ops = {n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node}
+    assert "Softmax" in ops and not ops & {"Attention", "GroupQueryAttention", "MultiHeadAttention"}
+
+
+@pytest.mark.parametrize("B,T,n_pad", [(1, 1, 0), (1, 2, 0), (1, 33, 0), (2, 17, 5), (3, 64, 20)])
+def test_logits_match_pytorch(tiny_onnx, tiny_loaded, B, T, n_pad):
+    ids, mask = _random_batch(tiny_loaded.model.config, tiny_loaded.ids.pad, B, T, n_pad, seed=B * T)
+    want = TorchDenoiser(tiny_loaded.model)(ids, mask).logits
+    _assert_close(want, tiny_onnx(ids, mask).logits)
+    # without a mask, and with a logits slice, as the sampler calls it
+    _assert_close(TorchDenoiser(tiny_loaded.model)(ids, logits_slice=slice(T // 2, T)).logits,
+                  tiny_onnx(ids, logits_slice=slice(T // 2, T)).logits)
+
+
+def test_attention_stays_bidirectional(tiny_onnx, tiny_loaded):
+    ids, _ = _random_batch(tiny_loaded.model.config, tiny_loaded.ids.pad, 1, 24, 0, seed=1)
+    changed = ids.clone()
+    changed[0, -1] = (ids[0, -1] + 1) % tiny_loaded.model.config.vocab_size
+    before, after = tiny_onnx(ids).logits, tiny_onnx(changed).logits
+    assert (before[0, 0] - after[0, 0]).abs().max() > 1e-4  # position 0 sees the last token
+
+
+def test_padding_is_masked(tiny_onnx, tiny_loaded):
+    """Padded keys are ignored: a row's logits do not depend on what sits under its padding."""
+    ids, mask = _random_batch(tiny_loaded.model.config, tiny_loaded.ids.pad, 2, 20, 6, seed=2)
+    other = ids.clone()
+    other[1, :6] = (ids[1, :6] + 7) % tiny_loaded.model.config.vocab_size
+    a, b = tiny_onnx(ids, mask).logits, tiny_onnx(other, mask).logits
+    assert torch.allclose(a[1, 6:], b[1, 6:], atol=1e-5)
+
+
+def test_cache_graph_matches_pytorch(tiny_onnx, tiny_loaded):
+    assert tiny_onnx.supports_cache
+    ref = TorchDenoiser(tiny_loaded.model)
+    L, start, blk = 40, 24, 8
+    ids, mask = _random_batch(tiny_loaded.model.config, tiny_loaded.ids.pad, 2, L, 9, seed=3)
+    full_ref, full = ref(ids, mask, use_cache=True), tiny_onnx(ids, mask, use_cache=True)
+    _assert_close(full_ref.logits, full.logits)
+    for (kr, vr), (k, v) in zip(full_ref.past_key_values, full.past_key_values):
+        assert torch.allclose(kr, k, atol=1e-5) and torch.allclose(vr, v, atol=1e-5)
+    prefix = tuple((k[:, :, :start], v[:, :, :start]) for k, v in full.past_key_values)
+    want = ref(ids[:, start:], mask, past_key_values=prefix, start=start, logits_slice=slice(0, blk))
+    got = tiny_onnx(ids[:, start:], mask, past_key_values=prefix, start=start, logits_slice=slice(0, blk))
+    _assert_close(want.logits, got.logits)
+    want = ref(ids[:, start:start + blk], mask, past_key_values=full.past_key_values, start=start, use_cache=True)
+    got = tiny_onnx(ids[:, start:start + blk], mask, past_key_values=full.past_key_values, start=start,
+                    use_cache=True)
+    _assert_close(want.logits, got.logits)
+    assert got.past_key_values[0][0].shape == want.past_key_values[0][0].shape
+
+
+def test_bad_calls_are_refused(tiny_onnx, tiny_loaded):
+    L = tiny_loaded.model.config.max_sequence_length
+    with pytest.raises(ValueError, match="exceeds max_sequence_length"):
+        tiny_onnx(torch.zeros(1, L + 1, dtype=torch.long))
+    with pytest.raises(ValueError, match="attention_mask has shape"):
+        tiny_onnx(torch.zeros(2, 8, dtype=torch.long), torch.ones(2, 9, dtype=torch.long))
+    with pytest.raises(ValueError, match="start > 0 needs past_key_values"):
+        tiny_onnx(torch.zeros(1, 4, dtype=torch.long), start=4)
+
+
+def test_parity_check_fails_loudly(tiny_export, tiny_tokenizer, tmp_path):
+    """Checked against other weights of the same shape, the export must fail past the tolerance."""
+    folder = shutil.copytree(tiny_export, tmp_path / "copy")
+    torch.manual_seed(123)
+    other = _loaded(LLaDAModelLM(tiny_config(tiny_tokenizer)), tiny_tokenizer, "other")
+    with pytest.raises(ExportError, match="disagrees with PyTorch"):
+        check_parity(other, folder)
+    assert json.loads((folder / PARITY_FILE).read_text())["passed"] is False
+
+
+# ---------------------------------------------------------------- the sampler on both back ends
+
+@pytest.mark.parametrize("mode", [dict(), dict(threshold=0.5), dict(cache="prefix"), dict(cache="dual"),
+                                  dict(cache="dual", threshold=0.5, cfg_scale=1.0)])
+def test_generate_equal_on_both_back_ends(tiny_onnx, tiny_loaded, mode):
+    generation = pytest.importorskip("llada_app.generation")
+    _generate_equal(generation, tiny_onnx, tiny_loaded, mode, gen_length=16, block_length=8)
+
+
+def _generate_equal(generation, onnx_denoiser, loaded, mode, gen_length, block_length, prompts=None):
+    tok = loaded.tokenizer
+    prompts = prompts or [tok("From fairest creatures")["input_ids"],
+                          tok("When forty winters shall besiege thy brow,")["input_ids"]]
+    ids, mask = generation.pad_prompts(prompts, loaded.ids.pad)
+    config = generation.GenerationConfig(gen_length=gen_length, block_length=block_length, steps=gen_length,
+                                         temperature=0.0, **mode)
+    kw = dict(mask_id=loaded.ids.mask, eos_id=loaded.ids.eos, eot_id=loaded.ids.eot)
+    want = generation.generate(TorchDenoiser(loaded.model), ids, mask, config, **kw)
+    got = generation.generate(onnx_denoiser, ids, mask, config, **kw)
+    assert (got != loaded.ids.mask).all()
+    assert torch.equal(want, got), f"ONNX and PyTorch disagree in mode {mode}"
+
+
+def test_causal_twin_decodes_alike(tiny_tokenizer, tmp_path):
+    """The autoregressive twin (causal=True) through the cache graph: greedy decoding equal to PyTorch."""
+    generation = pytest.importorskip("llada_app.generation")
+    torch.manual_seed(3)
+    loaded = _loaded(LLaDAModelLM(tiny_config(tiny_tokenizer, causal=True)), tiny_tokenizer, "arm")
+    onnx = _open(export_onnx(loaded, tmp_path / "arm"), loaded)
+    assert onnx.causal and onnx.supports_cache
+    ids, mask = generation.pad_prompts([tiny_tokenizer("From fairest")["input_ids"],
+                                        tiny_tokenizer("When forty winters shall")["input_ids"]], loaded.ids.pad)
+    _assert_close(TorchDenoiser(loaded.model)(ids, mask).logits, onnx(ids, mask).logits)
+    kw = dict(max_new_tokens=12, stop_ids=[loaded.ids.eos])
+    want = generation.generate_arm(TorchDenoiser(loaded.model), ids, mask, **kw)
+    assert torch.equal(want, generation.generate_arm(onnx, ids, mask, **kw))
+
+
+# ---------------------------------------------------------------- the cache helper and build_denoiser
+
+def test_cached_export_is_reused(tiny_export, tiny_loaded, onnx_root):
+    assert tiny_export == cache_folder(tiny_loaded, "fp32", onnx_root)
+    assert model_fingerprint(tiny_loaded.model) in tiny_export.name
+    stamp = (tiny_export / "model.onnx").stat().st_mtime_ns
+    denoiser = build_denoiser(tiny_loaded, "onnx", cache_root=onnx_root)  # finds the export, no new one
+    assert denoiser.folder == tiny_export and (tiny_export / "model.onnx").stat().st_mtime_ns == stamp
+    assert not list(onnx_root.glob("*.partial"))
+    assert isinstance(build_denoiser(tiny_loaded, "torch"), TorchDenoiser)
+    with pytest.raises(ValueError, match="unknown back end"):
+        build_denoiser(tiny_loaded, "tensorrt")
+
+
+def test_fingerprint_tells_checkpoints_apart(tiny_loaded, tiny_tokenizer, tiny_model_dir):
+    torch.manual_seed(7)
+    other = LLaDAModelLM(tiny_config(tiny_tokenizer))
+    assert model_fingerprint(other) != model_fingerprint(tiny_loaded.model)
+    # the same checkpoint loaded in another dtype is the same model
+    as_bf16 = load_model(str(tiny_model_dir), device="cpu", dtype="bf16").model
+    assert model_fingerprint(as_bf16) == model_fingerprint(tiny_loaded.model)
+
+
+def test_cli_export_with_external_data(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """The CLI end to end; graphs over 2 GB keep their weights in model.onnx.data (forced by a 0 limit)."""
+    import export.onnx_export as ox
+    from export.__main__ import main
+
+    monkeypatch.setattr(ox, "EXTERNAL_DATA_BYTES", 0)
+    out = tmp_path / "cli"
+    assert main(["--model", str(tiny_model_dir), "--out", str(out), "--no-with-past", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)  # the parity check ran ORT on the external-data graph
+    assert report["passed"] and not (out / "model_with_past.onnx").exists()
+    assert json.loads((out / MANIFEST_FILE).read_text())["graphs"]["model"]["external_data"]
+    assert (out / "model.onnx.data").stat().st_size > (out / "model.onnx").stat().st_size
+    assert main(["--model", str(tmp_path / "nowhere"), "--out", str(out)]) == 1
+    assert "not found" in capsys.readouterr().err
+
+
+def test_bench_runs(tiny_model_dir, tiny_export, capsys):
+    from export.bench import main
+
+    assert main(["--model", str(tiny_model_dir), "--onnx", str(tiny_export), "--seq", "8", "--runs", "2", "--threads", "1", "--opt", "all,basic",
+                 "--gen-length", "8", "--prompt-length", "4", "--gen-runs", "1", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [r["opt"] for r in report["forward"]] == ["all", "basic"]
+    assert all(r["torch_ms"] > 0 and r["onnx_ms"] > 0 for r in report["forward"])
+    assert [g["mode"] for g in report["generate"]] == ["vanilla", "threshold 0.9 + dual cache"]
+    assert all(g["same_tokens"] for g in report["generate"])
+
+
+# ---------------------------------------------------------------- exports that do not fit
+
+@pytest.fixture(scope="session")
+def other_exports(tmp_path_factory, tiny_tokenizer):
+    """Exports of models with another vocabulary size and another hidden size (no cache graph)."""
+    root = tmp_path_factory.mktemp("other-exports")
+    out = {}
+    for name, overrides in [("vocab", dict(vocab_size=len(tiny_tokenizer) + 16,
+                                           embedding_size=len(tiny_tokenizer) + 24)),
+                            ("hidden", dict(d_model=32, mlp_hidden_size=64))]:
+        torch.manual_seed(1)
+        loaded = _loaded(LLaDAModelLM(tiny_config(tiny_tokenizer, **overrides)), tiny_tokenizer, name)
+        out[name] = export_onnx(loaded, root / name, with_past=False)
+    return out
+
+
+def _open(folder, loaded):
+    return OnnxDenoiser(folder, expect_config=loaded.model.config, tokenizer=loaded.tokenizer,
+                        fingerprint=model_fingerprint(loaded.model))
+
+
+def test_other_vocabulary_is_refused(other_exports, tiny_loaded, tiny_export, tmp_path):
+    with pytest.raises(OnnxBackendError, match="vocabulary size"):
+        _open(other_exports["vocab"], tiny_loaded)
+    # the graph itself is checked too: a config.json copied from the right model does not fool it
+    folder = shutil.copytree(other_exports["vocab"], tmp_path / "v")
+    shutil.copy(tiny_export / "config.json", folder / "config.json")
+    with pytest.raises(OnnxBackendError, match="logits per position"):
+        OnnxDenoiser(folder, expect_config=tiny_loaded.model.config)
+
+
+def test_other_hidden_size_is_refused(other_exports, tiny_loaded, tiny_export, tmp_path):
+    with pytest.raises(OnnxBackendError, match="hidden size 32"):
+        _open(other_exports["hidden"], tiny_loaded)
+    folder = shutil.copytree(other_exports["hidden"], tmp_path / "h")
+    shutil.copy(tiny_export / "config.json", folder / "config.json")
+    with pytest.raises(OnnxBackendError, match="has hidden size 32"):
+        OnnxDenoiser(folder, expect_config=tiny_loaded.model.config)
+
+
+def test_other_weights_and_tokenizer_are_refused(tiny_export, tiny_loaded, tmp_path):
+    with pytest.raises(OnnxBackendError, match="other weights"):
+        OnnxDenoiser(tiny_export, fingerprint="0123456789abcdef")
+    folder = shutil.copytree(tiny_export, tmp_path / "t")
+    spec = json.loads((folder / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    a, b = sorted(vocab)[-2:]
+    vocab[a], vocab[b] = vocab[b], vocab[a]  # a tokenizer of another training: same tokens, other ids
+    (folder / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(OnnxBackendError, match="tokenizer in .* differs"):
+        OnnxDenoiser(folder, tokenizer=tiny_loaded.tokenizer)
+    (folder / "tokenizer.json").write_text("{broken")
+    with pytest.raises(OnnxBackendError, match="cannot be read"):
+        OnnxDenoiser(folder, tokenizer=tiny_loaded.tokenizer)
+
+
+def test_missing_and_corrupt_files(tiny_export, tiny_loaded, tmp_path):
+    with pytest.raises(OnnxBackendError, match="not found"):
+        OnnxDenoiser(tmp_path / "nowhere")
+    folder = shutil.copytree(tiny_export, tmp_path / "m")
+    (folder / "model.onnx").unlink()
+    with pytest.raises(OnnxBackendError, match="no model.onnx"):
+        OnnxDenoiser(folder)
+    folder = shutil.copytree(tiny_export, tmp_path / "c")
+    data = (folder / "model.onnx").read_bytes()
+    (folder / "model.onnx").write_bytes(data[: len(data) // 3])  # truncated, as by an interrupted copy
+    with pytest.raises(OnnxBackendError, match="corrupt"):
+        OnnxDenoiser(folder)
+    (folder / "model.onnx").write_bytes(b"not a protobuf at all" * 10)
+    with pytest.raises(OnnxBackendError, match="corrupt"):
+        OnnxDenoiser(folder)
+    folder = shutil.copytree(tiny_export, tmp_path / "n")
+    (folder / "config.json").unlink()
+    with pytest.raises(OnnxBackendError, match="no config.json"):
+        OnnxDenoiser(folder)
+
+
+def test_no_cache_graph_means_no_cache_modes(other_exports, tiny_tokenizer):
+    torch.manual_seed(1)
+    model = LLaDAModelLM(tiny_config(tiny_tokenizer, d_model=32, mlp_hidden_size=64))
+    denoiser = OnnxDenoiser(other_exports["hidden"], expect_config=model.config)
+    assert denoiser.supports_cache is False
+    ids = torch.zeros(1, 4, dtype=torch.long)
+    with pytest.raises(OnnxBackendError, match="no K/V-cache graph"):
+        denoiser(ids, use_cache=True)
+    _assert_close(TorchDenoiser(model)(ids).logits, denoiser(ids).logits)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised when no GPU can serve")
+def test_cuda_without_gpu_is_an_error_not_a_fallback(tiny_export):
+    with pytest.raises(OnnxBackendError, match="CUDA"):
+        OnnxDenoiser(tiny_export, device="cuda")
+
+
+# ---------------------------------------------------------------- the bundled model
+
+BUNDLED = Path(os.environ.get("LLADA_ONNX_TEST_MODEL", DEFAULT_MODEL))  # another trained model, for a dry run
+
+
+@pytest.fixture(scope="session")
+def bundled(tmp_path_factory):
+    if not (BUNDLED / "config.json").is_file():
+        pytest.skip(f"the bundled model {BUNDLED} is not there yet (being trained)")
+    loaded = load_model(str(BUNDLED), device="cpu", dtype="fp32")
+    folder = export_onnx(loaded, tmp_path_factory.mktemp("bundled") / "onnx")
+    report = check_parity(loaded, folder)
+    return loaded, folder, report
+
+
+def test_bundled_model_exports_with_parity(bundled):
+    loaded, folder, report = bundled
+    assert report["passed"] and report["max_abs_diff"] <= TOL.rel * 100
+    onnx = _open(folder, loaded)
+    ids, mask = _random_batch(loaded.model.config, loaded.ids.pad, 2, 50, 11, seed=5)
+    _assert_close(TorchDenoiser(loaded.model)(ids, mask).logits, onnx(ids, mask).logits)
+
+
+@pytest.mark.parametrize("mode", [dict(), dict(threshold=0.9, cache="dual")])
+def test_bundled_generate_equal(bundled, mode):
+    generation = pytest.importorskip("llada_app.generation")
+    from llada_app.tokenization import chat_prompt_ids
+
+    loaded, folder, _ = bundled
+    prompts = [chat_prompt_ids(loaded.tokenizer, [{"role": "user", "content": q}]) for q in
+               ("What is the next line of: From fairest creatures we desire increase,",
+                "What is the first line of sonnet 2?")]
+    _generate_equal(generation, _open(folder, loaded), loaded, mode, gen_length=32, block_length=32,
+                    prompts=prompts)
