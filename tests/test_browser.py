@@ -1,0 +1,166 @@
+"""A real browser on the real command: `python app.py` in a subprocess, headless Chromium via Playwright.
+
+Measures (printed, and written to <tmp>/figures.json): seconds from `python app.py` to a served page
+and to a first answered chat request, and from pressing Send to the first revealed step on screen.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_config
+from ui_support import app_model_dirs, free_port
+
+from llada_app.studio import build_studio
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update"]
+ROOT = Path(__file__).resolve().parent.parent
+STARTUP_TARGET_S = 15.0  # issue 6: `python app.py` to a page that answers, bundled model, this CPU
+FIRST_STEP_TARGET_S = 1.0  # issue 6: Send to the first revealed step on screen
+
+pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM),
+                                reason=f"{CHROMIUM} is missing: install Debian's chromium (apt-get install -y "
+                                       "chromium; .ci/run does it) to run the browser test")
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, tiny_tokenizer):
+    return app_model_dirs(tmp_path_factory, tiny_tokenizer, tiny_config)
+
+
+@pytest.fixture(scope="module")
+def app(models, tmp_path_factory):
+    """`python app.py` on a free port; yields (url, seconds to the served page, seconds to a first answer)."""
+    mdm, arm, _ = models
+    port = free_port()
+    log = tmp_path_factory.mktemp("app") / "app.log"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    started = time.perf_counter()
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "app.py", "--model", mdm, "--arm", arm, "--port", str(port),
+                                 "--device", "cpu"], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        page_s = _wait_for_page(url, proc, log, timeout=120) - started
+        from gradio_client import Client
+
+        Client(url, verbose=False).predict("Hello", api_name="/chat")
+        answer_s = time.perf_counter() - started
+        yield url, page_s, answer_s
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def _wait_for_page(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> float:
+    deadline = time.perf_counter() + timeout
+    while time.perf_counter() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"app.py exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return time.perf_counter()
+        except OSError:
+            pass
+        time.sleep(0.1)
+    pytest.fail(f"no page at {url} after {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+def test_browser_chat_shows_the_live_answer(app, models, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    url, page_s, answer_s = app
+    mdm, arm, bundled = models
+    question = 'What is the next line after "From fairest creatures we desire increase,"?'
+    # The answer the app must show: same model, same default settings, greedy, computed here.
+    threads = torch.get_num_threads()
+    studio = build_studio(mdm, None, device="cpu", threads=0, progress=lambda msg: None)  # as app.py does
+    *_, final = studio.stream_chat([], question, studio.default_settings())
+    expected = final.text
+    torch.set_num_threads(threads)
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            outside = []  # the app works offline: nothing but this server is ever asked for anything
+            page.on("request", lambda r: outside.append(r.url) if not r.url.startswith(
+                (url, "data:", "blob:")) else None)
+            page.goto(url)
+            page.wait_for_selector("#message textarea", timeout=30_000)
+            page.fill("#message textarea", question)
+            # Timestamps taken in the page: the click, then the first revealed token in the chat.
+            page.evaluate("""() => {
+                window.__firstStep = null;
+                new MutationObserver((_, obs) => {
+                    if (document.querySelector('#chatbot .ld-new')) {
+                        window.__firstStep = performance.now(); obs.disconnect(); }
+                }).observe(document.querySelector('#chatbot'), {subtree: true, childList: true});
+                window.__sent = performance.now();
+                document.querySelector('#send').click();
+            }""")
+            page.wait_for_selector("#chat-stats :text('done')", timeout=120_000)
+            first_step_s = page.evaluate("() => (window.__firstStep - window.__sent) / 1000")
+            shot = tmp_path / "chat.png"
+            page.screenshot(path=str(shot), full_page=True)
+            shown = page.inner_text("#chatbot")
+        finally:
+            browser.close()
+
+    figures = dict(startup_to_page_s=round(page_s, 2), startup_to_first_answer_s=round(answer_s, 2),
+                   send_to_first_revealed_step_s=round(first_step_s, 3), bundled_model=bundled,
+                   screenshot=str(shot))
+    (tmp_path / "figures.json").write_text(json.dumps(figures, indent=2))
+    print("\nUI figures:", json.dumps(figures))
+    assert shot.stat().st_size > 10_000
+    assert question in shown
+    assert not outside, outside
+    assert " ".join(expected.split()) in " ".join(shown.split())
+    assert 0 < first_step_s <= FIRST_STEP_TARGET_S, figures
+    if bundled:  # the figures of the issue hold for the bundled model on this CPU
+        assert page_s <= STARTUP_TARGET_S, figures
+
+
+def test_browser_stop_ends_the_answer_between_steps(app, models):
+    from playwright.sync_api import sync_playwright
+
+    from llada_app.loading import load_model
+
+    url = app[0]
+    context = load_model(models[0], device="cpu").model.config.max_sequence_length
+    length = min(512, 32 * ((context - 64) // 32))  # a long answer: many steps to stop in the middle
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(url)
+            page.wait_for_selector("#message textarea", timeout=30_000)
+            for slider in ("#gen-length", "#steps"):
+                page.fill(f"{slider} input[type=number]", str(length))
+                page.press(f"{slider} input[type=number]", "Enter")
+            page.fill("#message textarea", "Tell me a long story.")
+            page.click("#send")
+            page.wait_for_selector("#chatbot .ld-new", timeout=30_000)
+            page.click("#stop")
+            page.wait_for_selector("#chat-stats :text('Stopped')", timeout=30_000)
+            stats = page.inner_text("#chat-stats")
+            step = int(stats.split("step ")[1].split(")")[0])
+            page.wait_for_timeout(500)
+            assert "ld-canvas" not in page.inner_html("#chatbot")  # the unfinished answer is gone
+            assert page.input_value("#message textarea") == "Tell me a long story."  # ready to resend
+        finally:
+            browser.close()
+    assert 1 <= step < length
