@@ -110,6 +110,22 @@ class GenerationConfig:
                 raise ValueError(f"constraint token id {tok} at position {pos} is negative")
 
 
+def parse_constraints(text: str, tokenizer) -> dict[int, int]:
+    """ "0:Shall, 5:summer" -> {answer position: token id}, as in the original demo's word constraints.
+
+    A word is tokenized with a leading space; a word of several tokens fills consecutive positions.
+    """
+    out: dict[int, int] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        pos, sep, word = part.partition(":")
+        if not sep or not pos.strip().isdigit() or not word.strip():
+            raise ValueError(f"bad constraint {part!r}: write position:word, e.g. 0:Shall")
+        toks = tokenizer.encode(" " + word.strip(), add_special_tokens=False)
+        for i, tok in enumerate(toks):
+            out[int(pos) + i] = tok
+    return out
+
+
 def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Left-pad lists of ids to one length -> ids [B, P], attention mask [B, P] (None without padding)."""
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -142,10 +158,15 @@ def _make_generator(seed: int | None, device: torch.device) -> torch.Generator |
 
 
 def _propose(logits: torch.Tensor, config: GenerationConfig, gen: torch.Generator | None,
-             eos_id: int, eot_id: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits [B, T, V] fp32 -> proposal x0 [B, T] and its confidence [B, T] (DESIGN §3 steps 2-3)."""
-    if config.suppress_eos:  # out of place: the denoiser's output may be an inference-mode tensor
-        logits = logits.index_fill(-1, torch.tensor([eos_id], device=logits.device), -torch.inf)
+             banned: torch.Tensor, eos_id: int, eot_id: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [B, T, V] fp32 -> proposal x0 [B, T] and its confidence [B, T] (DESIGN §3 steps 2-3).
+
+    `banned` token ids get -inf logits: always the mask token (the reference would "reveal" a mask
+    and leave it masked; a trained model never ranks it first, an untrained one may), plus EOS
+    with suppress_eos.
+    """
+    # out of place: the denoiser's output may be an inference-mode tensor
+    logits = logits.index_fill(-1, banned, -torch.inf)
     if config.temperature > 0:
         # The reference's Gumbel-max trick, in float64: exp(l) / (-log U)^T.
         noise = torch.rand(logits.shape, generator=gen, dtype=torch.float64, device=logits.device)
@@ -232,6 +253,9 @@ def _sample(denoiser, prompt_ids, attention_mask, config, mask_id, eos_id, eot_i
     cfg = config.cfg_scale > 0
     attn_in = torch.cat([attn, attn]) if (cfg and attn is not None) else attn
 
+    # Built once: creating a tensor from a Python list inside the loop would be a host-to-device copy
+    # (and so a sync) at every step on a GPU.
+    banned = torch.tensor([mask_id, eos_id] if config.suppress_eos else [mask_id], device=dev)
     constraints = config.constraints or {}
     c_pos = torch.tensor([P + p for p in constraints], dtype=torch.long, device=dev)
     c_tok = torch.tensor(list(constraints.values()), dtype=torch.long, device=dev)
@@ -277,7 +301,7 @@ def _sample(denoiser, prompt_ids, attention_mask, config, mask_id, eos_id, eot_i
         while True:
             logits, past = forward(i == 0, bs, be, past)
             nfe += 1
-            x0, conf = _propose(logits, config, gen, eos_id, eot_id)  # [B, Lb] each
+            x0, conf = _propose(logits, config, gen, banned, eos_id, eot_id)  # [B, Lb] each
             blk = x[:, bs:be]  # a view: writing to it updates x
             candidates = blk == mask_id
             conf = conf.masked_fill(~candidates, -torch.inf)

@@ -1,0 +1,36 @@
+"""The benchmark runs end to end on a random tiny shape and reports consistent figures."""
+import json
+
+import pytest
+import torch
+
+from llada_app import bench
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_bench_json_on_a_tiny_random_shape(capsys):
+    bench.main(["--shape", "tiny", "--gen-length", "16", "--block-length", "8", "--prompts", "2",
+                "--batch-size", "2", "--repeats", "1", "--warmup", "0", "--json"])
+    result = json.loads(capsys.readouterr().out)
+    rows = {r["mode"]: r for r in result["rows"]}
+    assert list(rows)[:6] == ["vanilla", "threshold", "prefix", "dual", "threshold+prefix", "threshold+dual"]
+    assert "arm (KV cache)" in rows
+    assert rows["vanilla"]["nfe"] == 16 and rows["vanilla"]["agree_tokens"] == 1.0
+    for r in rows.values():
+        assert 0 < r["denoiser_s"] <= r["wall_s"]
+        assert 1 <= r["nfe"] <= 16
+    assert rows["arm (KV cache)"]["nfe"] <= 16
+    table = bench.format_table(result)
+    assert table.count("\n") == 2 + len(rows)
+
+
+def test_random_model_shapes():
+    with pytest.raises(ValueError, match="unknown shape"):
+        bench.random_model("2b", None, "cpu", torch.float32)

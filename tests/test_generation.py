@@ -1,0 +1,408 @@
+"""The sampler against a plain reference loop written here from DESIGN §3, plus its options and errors."""
+from dataclasses import replace
+
+import pytest
+import torch
+
+from llada_app.backends import DenoiserOutput, TorchDenoiser
+from llada_app.generation import (GenerationConfig, arm_steps, block_schedule, generate, generate_arm,
+                                  pad_prompts, parse_constraints, sample_steps)
+from llada_app.modeling import LLaDAModelLM
+
+from conftest import tiny_config
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one intra-op thread is faster than two on a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# -- fixtures -----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def sharp_model(tiny_tokenizer):
+    """A random model with larger weights than the default init, so that its proposals vary with
+    position and context (with std 0.02 every position proposes the same token) and confidences
+    have no ties."""
+    torch.manual_seed(1)
+    return LLaDAModelLM(tiny_config(tiny_tokenizer, init_std=0.3)).eval()
+
+
+@pytest.fixture(scope="module")
+def one_layer_model(tiny_tokenizer):
+    """With one layer, K/V depend only on each token and its position, so a cache filled at the
+    start of a block stays exact while the block is decoded: cached decoding must equal vanilla."""
+    torch.manual_seed(2)
+    return LLaDAModelLM(tiny_config(tiny_tokenizer, n_layers=1, init_std=0.3)).eval()
+
+
+@pytest.fixture(scope="module")
+def ids(tiny_tokenizer):
+    t = tiny_tokenizer
+    return dict(mask_id=t.mask_token_id, eos_id=t.eos_token_id, eot_id=t.convert_tokens_to_ids("<|eot_id|>"))
+
+
+@pytest.fixture(scope="module")
+def prompts(tiny_tokenizer):
+    a = tiny_tokenizer("From fairest creatures")["input_ids"]
+    b = tiny_tokenizer("When forty winters shall besiege thy brow, and dig")["input_ids"]
+    assert len(a) != len(b)
+    return a, b
+
+
+class Counting:
+    """Wraps a denoiser, counting calls and optionally biasing some logits (and hiding cache support)."""
+
+    def __init__(self, inner, bias: dict[int, float] | None = None, supports_cache: bool | None = None):
+        self.inner, self.bias, self.calls = inner, bias or {}, 0
+        self.name, self.device, self.max_length = inner.name, inner.device, inner.max_length
+        self.supports_cache = inner.supports_cache if supports_cache is None else supports_cache
+        self.model = inner.model
+
+    def __call__(self, *args, **kw):
+        self.calls += 1
+        out = self.inner(*args, **kw)
+        logits = out.logits.clone()
+        for tok, b in self.bias.items():
+            logits[..., tok] += b
+        return DenoiserOutput(logits, out.past_key_values)
+
+
+# -- the reference loop, written straight from DESIGN §3 -------------------------------------------
+
+@torch.no_grad()
+def reference_generate(model, prompt, attention_mask, *, steps, gen_length, block_length, cfg_scale=0.0,
+                       mask_id):
+    """Temperature 0, low-confidence remasking, full logits every step, top-k per row with torch.topk."""
+    B, P = prompt.shape
+    x = torch.full((B, P + gen_length), mask_id, dtype=torch.long)
+    x[:, :P] = prompt
+    attn = None
+    if attention_mask is not None:
+        attn = torch.cat([attention_mask, torch.ones(B, gen_length, dtype=attention_mask.dtype)], 1)
+    n_blocks = gen_length // block_length
+    S = steps // n_blocks
+    for nb in range(n_blocks):
+        lo, hi = P + nb * block_length, P + (nb + 1) * block_length
+        n = (x[:, lo:hi] == mask_id).sum(1)  # [B]
+        counts = [[int(n[j]) // S + (i < int(n[j]) % S) for i in range(S)] for j in range(B)]
+        for i in range(S):
+            masked = x == mask_id
+            if cfg_scale > 0:
+                x_u = x.clone()
+                x_u[:, :P] = mask_id
+                a2 = None if attn is None else torch.cat([attn, attn])
+                both = model(torch.cat([x, x_u]), attention_mask=a2).logits
+                cond, uncond = both.chunk(2)
+                logits = uncond + (cfg_scale + 1) * (cond - uncond)
+            else:
+                logits = model(x, attention_mask=attn).logits
+            logits[..., mask_id] = -torch.inf  # the mask token is never a proposal (see generation.py)
+            x0 = logits.argmax(-1)
+            p = torch.softmax(logits.float(), -1).gather(-1, x0[..., None]).squeeze(-1)
+            p[:, hi:] = -torch.inf
+            conf = torch.where(masked, p, -torch.inf)
+            for j in range(B):
+                _, sel = torch.topk(conf[j], k=counts[j][i])
+                x[j, sel] = x0[j, sel]
+    return x
+
+
+# -- reference semantics ----------------------------------------------------------------------------
+
+def test_block_schedule_spreads_the_remainder_over_the_first_steps():
+    assert block_schedule(10, 4) == [3, 3, 2, 2]
+    assert block_schedule(8, 8) == [1] * 8
+    assert block_schedule(3, 8) == [1, 1, 1]  # the reference's 5 empty steps are skipped
+    assert sum(block_schedule(37, 5)) == 37
+
+
+@pytest.mark.parametrize("gen_length,block_length,steps", [(16, 16, 16), (16, 4, 8), (24, 8, 6), (16, 8, 16)])
+@pytest.mark.parametrize("cfg_scale", [0.0, 1.5])
+@pytest.mark.parametrize("padded", [False, True])
+def test_matches_reference_loop(sharp_model, prompts, ids, gen_length, block_length, steps, cfg_scale, padded):
+    a, b = prompts
+    if padded:  # batch of 2 with different prompt lengths, left-padded
+        prompt, mask = pad_prompts([a, b], pad_id=ids["eos_id"])
+        assert mask is not None
+    else:  # one prompt, no padding mask (the reference app crashes on CFG here)
+        prompt, mask = pad_prompts([b], pad_id=ids["eos_id"])
+        assert mask is None
+    cfg = GenerationConfig(gen_length=gen_length, block_length=block_length, steps=steps, cfg_scale=cfg_scale)
+    got = generate(TorchDenoiser(sharp_model), prompt, mask, cfg, **ids)
+    want = reference_generate(sharp_model, prompt, mask, steps=steps, gen_length=gen_length,
+                              block_length=block_length, cfg_scale=cfg_scale, mask_id=ids["mask_id"])
+    assert got.shape == (prompt.shape[0], prompt.shape[1] + gen_length)
+    assert torch.equal(got, want)
+    assert not (got == ids["mask_id"]).any()
+
+
+def test_left_padding_does_not_change_a_row(sharp_model, prompts, ids):
+    """A padded row decodes like the same prompt alone (RoPE is relative, padding keys are masked)."""
+    a, b = prompts
+    cfg = GenerationConfig(gen_length=16, block_length=8, steps=16)
+    d = TorchDenoiser(sharp_model)
+    batch = generate(d, *pad_prompts([a, b], ids["eos_id"]), cfg, **ids)
+    alone = generate(d, torch.tensor([a]), None, cfg, **ids)
+    assert torch.equal(batch[0, -16:], alone[0, -16:])
+
+
+def test_seeded_sampling_is_reproducible(sharp_model, prompts, ids):
+    prompt = torch.tensor([prompts[1]])
+    d = TorchDenoiser(sharp_model)
+    for extra in (dict(temperature=1.0), dict(remasking="random"), dict(temperature=0.7, remasking="random")):
+        cfg = GenerationConfig(gen_length=16, block_length=8, steps=8, seed=123, **extra)
+        first, second = generate(d, prompt, None, cfg, **ids), generate(d, prompt, None, cfg, **ids)
+        other = generate(d, prompt, None, replace(cfg, seed=124), **ids)
+        assert torch.equal(first, second), extra
+        assert not torch.equal(first, other), extra  # the seed does drive the randomness
+        assert not (first == ids["mask_id"]).any()
+
+
+# -- options ---------------------------------------------------------------------------------------
+
+def test_constraints_are_forced_at_every_step(sharp_model, prompts, ids):
+    prompt = torch.tensor([prompts[0]])
+    cons = {0: 42, 5: 43, 15: 44}
+    cfg = GenerationConfig(gen_length=16, block_length=8, steps=8, constraints=cons)
+    P = prompt.shape[1]
+    steps = list(sample_steps(TorchDenoiser(sharp_model), prompt, None, cfg, **ids))
+    for s in steps:
+        for pos, tok in cons.items():
+            assert s.ids[0, P + pos] == tok
+            assert not s.revealed[0, P + pos]
+    # 13 free slots over 2 blocks of 4 steps each: every step reveals at least one
+    assert sum(int(s.revealed.sum()) for s in steps) == 16 - len(cons)
+    assert not (steps[-1].ids == ids["mask_id"]).any()
+
+
+def test_suppress_eos_and_zero_confidence(sharp_model, prompts, ids):
+    prompt = torch.tensor([prompts[1]])
+    eos, eot = ids["eos_id"], ids["eot_id"]
+    # Bias the model towards EOS/EoT so that they are proposed everywhere.
+    d = Counting(TorchDenoiser(sharp_model), bias={eos: 8.0, eot: 7.0})
+    base = GenerationConfig(gen_length=16, block_length=8, steps=16)
+
+    plain = list(sample_steps(d, prompt, None, base, **ids))
+    assert (plain[-1].ids[0, -16:] == eos).any()
+    assert any(float(s.confidence[s.revealed & ((s.ids == eos) | (s.ids == eot))].max()) > 0 for s in plain)
+
+    suppressed = generate(d, prompt, None, replace(base, suppress_eos=True), **ids)
+    assert not (suppressed[0, -16:] == eos).any()
+
+    zero = list(sample_steps(d, prompt, None, replace(base, eos_zero_confidence=True), **ids))
+    stops = [(s.revealed & ((s.ids == eos) | (s.ids == eot))) for s in zero]
+    assert any(m.any() for m in stops)
+    for s, m in zip(zero, stops):
+        assert (s.confidence[m] == 0).all()
+
+
+def test_threshold_one_reveals_one_token_per_step(sharp_model, prompts, ids):
+    prompt = torch.tensor([prompts[0]])
+    cfg = GenerationConfig(gen_length=16, block_length=8, steps=16, threshold=1.0)
+    steps = list(sample_steps(TorchDenoiser(sharp_model), prompt, None, cfg, **ids))
+    assert len(steps) == steps[-1].nfe == 16
+    assert all(int(s.revealed.sum()) == 1 for s in steps)
+    # ... and then it is the reference schedule with one token per step
+    want = reference_generate(sharp_model, prompt, None, steps=16, gen_length=16, block_length=8,
+                              mask_id=ids["mask_id"])
+    assert torch.equal(steps[-1].ids, want)
+
+
+def test_tiny_threshold_reveals_a_block_per_step(sharp_model, prompts, ids):
+    prompt, mask = pad_prompts(list(prompts), ids["eos_id"])
+    cfg = GenerationConfig(gen_length=24, block_length=8, steps=24, threshold=1e-9)
+    steps = list(sample_steps(TorchDenoiser(sharp_model), prompt, mask, cfg, **ids))
+    assert len(steps) == 3 and steps[-1].done
+    assert all(int(s.revealed.sum()) == 2 * 8 for s in steps)
+
+
+def test_factor_variant_reveals_at_least_one_and_terminates(sharp_model, prompts, ids):
+    prompt, mask = pad_prompts(list(prompts), ids["eos_id"])
+    for f in (0.1, 1.0, 4.0):
+        cfg = GenerationConfig(gen_length=16, block_length=8, steps=16, factor=f)
+        steps = list(sample_steps(TorchDenoiser(sharp_model), prompt, mask, cfg, **ids))
+        assert all((s.revealed.sum(1) >= 1).all() for s in steps[:-1])
+        assert not (steps[-1].ids == ids["mask_id"]).any()
+        # f = 4: 1 - 4/(n+1) <= 0 for n <= 3, so at least 3 tokens in each step that has them
+        if f == 4.0:
+            assert len(steps) <= 2 * 3
+
+
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+def test_cached_forward_gives_the_full_forward_block_logits(sharp_model, prompts, ids, cache):
+    """Same input, cache filled by a full pass: block logits agree within 1e-4 absolute (fp32)."""
+    d = TorchDenoiser(sharp_model)
+    prompt, mask = pad_prompts(list(prompts), ids["eos_id"])
+    B, P = prompt.shape
+    x = torch.full((B, P + 24), ids["mask_id"])
+    x[:, :P] = prompt
+    x[:, P:P + 11] = torch.randint(0, 300, (B, 11))  # a first block done, the second half done
+    attn = torch.cat([mask, torch.ones(B, 24, dtype=mask.dtype)], 1)
+    bs, be = P + 8, P + 16
+    full = d(x, attn, use_cache=True)
+    past = full.past_key_values
+    if cache == "prefix":
+        past = tuple((k[:, :, :bs], v[:, :, :bs]) for k, v in past)
+        part = d(x[:, bs:], attn, past_key_values=past, start=bs, logits_slice=slice(0, be - bs)).logits
+    else:
+        part = d(x[:, bs:be], attn, past_key_values=past, start=bs).logits
+    torch.testing.assert_close(part, full.logits[:, bs:be], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+@pytest.mark.parametrize("cfg_scale", [0.0, 1.0])
+def test_cached_decoding_equals_vanilla_when_the_cache_is_exact(one_layer_model, prompts, ids, cache, cfg_scale):
+    prompt, mask = pad_prompts(list(prompts), ids["eos_id"])
+    cfg = GenerationConfig(gen_length=24, block_length=8, steps=24, cfg_scale=cfg_scale)
+    d = Counting(TorchDenoiser(one_layer_model))
+    want = reference_generate(one_layer_model, prompt, mask, steps=24, gen_length=24, block_length=8,
+                              cfg_scale=cfg_scale, mask_id=ids["mask_id"])
+    got = generate(d, prompt, mask, replace(cfg, cache=cache), **ids)
+    assert torch.equal(got, want)
+    assert d.calls == 24
+
+
+@pytest.mark.parametrize("extra", [
+    dict(), dict(cache="prefix"), dict(cache="dual"), dict(threshold=0.9), dict(threshold=0.5, cache="dual"),
+    dict(factor=1.0, cache="prefix"), dict(remasking="random", seed=0, cache="dual"), dict(temperature=1.0, seed=0),
+    dict(cfg_scale=1.0, cache="dual", threshold=0.7), dict(constraints={3: 5}, cache="prefix", threshold=0.7),
+])
+def test_every_mode_terminates_with_no_mask_left(sharp_model, prompts, ids, extra):
+    prompt, mask = pad_prompts(list(prompts), ids["eos_id"])
+    cfg = GenerationConfig(gen_length=16, block_length=8, steps=8, **extra)
+    steps = list(sample_steps(TorchDenoiser(sharp_model), prompt, mask, cfg, **ids))
+    assert steps[-1].done and not any(s.done for s in steps[:-1])
+    assert not (steps[-1].ids == ids["mask_id"]).any()
+    assert [s.step for s in steps] == list(range(1, len(steps) + 1))
+
+
+# -- the stream ------------------------------------------------------------------------------------
+
+def test_stream_reveals_masks_step_by_step(sharp_model, prompts, ids):
+    prompt, mask = pad_prompts(list(prompts), ids["eos_id"])
+    cfg = GenerationConfig(gen_length=16, block_length=8, steps=8)
+    P = prompt.shape[1]
+    prev = torch.cat([prompt, torch.full((2, 16), ids["mask_id"])], 1)
+    n_prev = int((prev == ids["mask_id"]).sum())
+    for s in sample_steps(TorchDenoiser(sharp_model), prompt, mask, cfg, **ids):
+        n = int((s.ids == ids["mask_id"]).sum())
+        assert n < n_prev
+        assert s.prompt_length == P and s.nfe == s.step
+        assert (prev[s.revealed] == ids["mask_id"]).all() and (s.ids[s.revealed] != ids["mask_id"]).all()
+        assert torch.equal(s.ids[~s.revealed], prev[~s.revealed])  # revealed tokens are never re-masked
+        assert (s.confidence[s.revealed] > 0).all() and (s.confidence[~s.revealed] == 0).all()
+        prev, n_prev = s.ids, n
+    assert n_prev == 0
+
+
+def test_closing_the_stream_stops_the_work(sharp_model, prompts, ids):
+    d = Counting(TorchDenoiser(sharp_model))
+    stream = sample_steps(d, torch.tensor([prompts[0]]), None, GenerationConfig(gen_length=16, block_length=8, steps=16), **ids)
+    first, second = next(stream), next(stream)
+    assert (first.step, second.step, d.calls) == (1, 2, 2)
+    stream.close()  # the Stop button
+    with pytest.raises(StopIteration):
+        next(stream)
+    assert d.calls == 2
+
+
+# -- errors ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(gen_length=30, block_length=8), "not divisible by block_length"),
+    (dict(gen_length=32, block_length=8, steps=6), "not divisible by the number of blocks"),
+    (dict(steps=0), "steps must be >= 1"),
+    (dict(gen_length=256, block_length=32, steps=256), "exceeds the model's context"),
+    (dict(cache="dual"), "needs a denoiser with K/V cache"),
+    (dict(cache="full"), "cache must be one of"),
+    (dict(remasking="top"), "remasking must be one of"),
+    (dict(threshold=0.9, factor=1.0), "give one, not both"),
+    (dict(threshold=1.5), "threshold must be in"),
+    (dict(threshold=0.9, remasking="random"), "needs remasking='low_confidence'"),
+    (dict(temperature=-1.0), "temperature"),
+    (dict(constraints={40: 3}, gen_length=32), "outside the answer"),
+])
+def test_invalid_combinations_raise(sharp_model, prompts, ids, kw, match):
+    d = Counting(TorchDenoiser(sharp_model), supports_cache=False)
+    cfg = GenerationConfig(**{**dict(gen_length=32, block_length=8, steps=32), **kw})
+    with pytest.raises(ValueError, match=match):
+        generate(d, torch.tensor([prompts[1]]), None, cfg, **ids)
+    assert d.calls == 0  # raised before any work, also from the stream's first next()
+
+
+def test_stream_validates_on_creation(sharp_model, prompts, ids):
+    with pytest.raises(ValueError, match="steps must be"):
+        sample_steps(TorchDenoiser(sharp_model), torch.tensor([prompts[0]]), None, GenerationConfig(steps=0), **ids)
+
+
+def test_pad_prompts():
+    x, m = pad_prompts([[5, 6, 7], [8]], pad_id=1)
+    assert x.tolist() == [[5, 6, 7], [1, 1, 8]] and m.tolist() == [[1, 1, 1], [0, 0, 1]]
+    x, m = pad_prompts([[5, 6], [7, 8]], pad_id=1)
+    assert m is None
+    with pytest.raises(ValueError):
+        pad_prompts([[1], []], pad_id=1)
+
+
+# -- the autoregressive baseline -----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def causal_model(tiny_tokenizer):
+    torch.manual_seed(3)
+    return LLaDAModelLM(tiny_config(tiny_tokenizer, causal=True, init_std=0.3)).eval()
+
+
+@torch.no_grad()
+def greedy_reference(model, prompt, n):
+    x = prompt.clone()
+    for _ in range(n):
+        x = torch.cat([x, model(x).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    return x
+
+
+def test_arm_greedy_with_cache_equals_full_recompute(causal_model, prompts, ids):
+    d = Counting(TorchDenoiser(causal_model))
+    prompt = torch.tensor([prompts[1]])
+    unused = 10 ** 6  # a stop id that never occurs: run all 12 steps
+    got = generate_arm(d, prompt, max_new_tokens=12, stop_ids=[unused])
+    assert torch.equal(got, greedy_reference(causal_model, prompt, 12))
+    assert d.calls == 12
+    no_cache = generate_arm(Counting(TorchDenoiser(causal_model), supports_cache=False), prompt,
+                            max_new_tokens=12, stop_ids=[unused])
+    assert torch.equal(no_cache, got)
+
+
+def test_arm_padded_batch_and_stop(causal_model, prompts, ids):
+    d = TorchDenoiser(causal_model)
+    a, b = prompts
+    prompt, mask = pad_prompts([a, b], ids["eos_id"])
+    alone = generate_arm(d, torch.tensor([a]), max_new_tokens=8, stop_ids=[10 ** 6])
+    batch = generate_arm(d, prompt, mask, max_new_tokens=8, stop_ids=[10 ** 6])
+    assert torch.equal(batch[0, -8:], alone[0, -8:])
+    # Use the 3rd generated token of row 0 as a stop id: row 0 stops there and is filled after it.
+    stop = int(alone[0, len(a) + 2])
+    steps = list(arm_steps(d, torch.tensor([a]), max_new_tokens=8, stop_ids=[stop]))
+    first_stop = next(i for i in range(8) if int(alone[0, len(a) + i]) == stop)
+    assert len(steps) == first_stop + 1 and steps[-1].done
+    assert all(int(s.revealed.sum()) == 1 for s in steps)
+
+
+def test_arm_refuses_a_diffusion_model(sharp_model, prompts):
+    with pytest.raises(ValueError, match="causal"):
+        generate_arm(TorchDenoiser(sharp_model), torch.tensor([prompts[0]]), max_new_tokens=4, stop_ids=[1])
+
+
+def test_parse_constraints(tiny_tokenizer):
+    got = parse_constraints("0:fairest, 5: beauty's", tiny_tokenizer)
+    first = tiny_tokenizer.encode(" fairest", add_special_tokens=False)
+    second = tiny_tokenizer.encode(" beauty's", add_special_tokens=False)
+    assert got == {**{i: t for i, t in enumerate(first)}, **{5 + i: t for i, t in enumerate(second)}}
+    assert parse_constraints(" ", tiny_tokenizer) == {}
+    for bad in ("fairest", "x:fairest", "3:"):
+        with pytest.raises(ValueError, match="position:word"):
+            parse_constraints(bad, tiny_tokenizer)

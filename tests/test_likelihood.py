@@ -1,0 +1,105 @@
+"""Monte Carlo ELBO: exact on one token, converges, and prefers what a model has memorised."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llada_app.backends import TorchDenoiser
+from llada_app.likelihood import log_likelihood, mask_counts, score_choices
+from llada_app.modeling import LLaDAModelLM
+
+from conftest import tiny_config
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one intra-op thread is faster than two on a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+PROMPT = "From fairest creatures"
+ANSWER = " we desire increase, That thereby beauty's rose might never die"
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_tokenizer):
+    return tiny_tokenizer(PROMPT)["input_ids"], tiny_tokenizer(ANSWER)["input_ids"]
+
+
+@pytest.fixture(scope="module")
+def fitted_model(tiny_tokenizer, pair):
+    """The tiny model overfitted on one prompt/answer pair for 80 steps with the SFT form of the MDM loss
+    (DESIGN §4: answer tokens masked with probability p, loss / p, prompt never masked)."""
+    torch.manual_seed(0)
+    model = LLaDAModelLM(tiny_config(tiny_tokenizer)).train()
+    prompt, answer = pair
+    seq = torch.tensor(prompt + answer).repeat(16, 1)  # [16, P + L]
+    P, mask_id = len(prompt), tiny_tokenizer.mask_token_id
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(80):
+        p = (1 - 1e-3) * torch.rand(16, 1) + 1e-3
+        masked = torch.rand(seq.shape) < p
+        masked[:, :P] = False
+        logits = model(torch.where(masked, mask_id, seq)).logits
+        ce = F.cross_entropy(logits.transpose(1, 2), seq, reduction="none")
+        loss = (ce * masked / p).sum() / masked[:, P:].numel()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def test_mask_counts_are_spread_over_the_answer():
+    g = torch.Generator().manual_seed(0)
+    n = mask_counts(8, 16, g)
+    assert n.min() >= 1 and n.max() <= 16
+    assert len(set(n.tolist())) == 8  # evenly spread: 8 different values over 1..16
+
+
+def test_one_token_answer_is_exact(tiny_model, tiny_tokenizer, pair):
+    """With L = 1 every sample masks the single answer token: the estimate is log p exactly."""
+    prompt = pair[0]
+    tok = pair[1][0]
+    mask_id = tiny_tokenizer.mask_token_id
+    est = log_likelihood(TorchDenoiser(tiny_model), prompt, [tok], mask_id=mask_id, mc_num=8, batch_size=4, seed=0)
+    with torch.no_grad():
+        logits = tiny_model(torch.tensor([prompt + [mask_id]])).logits[0, -1]
+    assert est == pytest.approx(float(torch.log_softmax(logits, -1)[tok]), abs=1e-5)
+
+
+def test_estimate_converges(fitted_model, tiny_tokenizer, pair):
+    d, mask_id = TorchDenoiser(fitted_model), tiny_tokenizer.mask_token_id
+    a = log_likelihood(d, *pair, mask_id=mask_id, mc_num=512, batch_size=64, seed=1)
+    b = log_likelihood(d, *pair, mask_id=mask_id, mc_num=512, batch_size=64, seed=2)
+    assert a != b  # two different samples ...
+    assert a == pytest.approx(b, rel=0.03)  # ... of the same quantity (seeds 1-3 spread ~1%)
+    # with CFG too (a different quantity, also stable)
+    c = log_likelihood(d, *pair, mask_id=mask_id, mc_num=512, batch_size=64, seed=1, cfg_scale=0.5)
+    e = log_likelihood(d, *pair, mask_id=mask_id, mc_num=512, batch_size=64, seed=2, cfg_scale=0.5)
+    assert c == pytest.approx(e, rel=0.03)
+
+
+def test_memorised_answer_ranks_above_shuffled(fitted_model, tiny_tokenizer, pair):
+    d, mask_id = TorchDenoiser(fitted_model), tiny_tokenizer.mask_token_id
+    prompt, answer = pair
+    g = torch.Generator().manual_seed(0)
+    shuffled = [answer[i] for i in torch.randperm(len(answer), generator=g).tolist()]
+    assert shuffled != answer
+    for cfg_scale in (0.0, 1.0):
+        good, bad = score_choices(d, prompt, [answer, shuffled], mask_id=mask_id, mc_num=64, batch_size=32,
+                                  cfg_scale=cfg_scale)
+        assert good > bad + 5.0, (cfg_scale, good, bad)  # nats
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(mc_num=100, batch_size=16), "multiple of batch_size"),
+    (dict(cfg_scale=-1.0), "cfg_scale"),
+])
+def test_bad_arguments_raise(tiny_model, tiny_tokenizer, pair, kw, match):
+    with pytest.raises(ValueError, match=match):
+        log_likelihood(TorchDenoiser(tiny_model), *pair, mask_id=tiny_tokenizer.mask_token_id, **kw)
+    with pytest.raises(ValueError, match="empty"):
+        log_likelihood(TorchDenoiser(tiny_model), pair[0], [], mask_id=tiny_tokenizer.mask_token_id)
+    with pytest.raises(ValueError, match="context"):
+        log_likelihood(TorchDenoiser(tiny_model), pair[0] * 20, pair[1], mask_id=tiny_tokenizer.mask_token_id)
