@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from llada_app.modeling import LLaDAModelLM, apply_rope, rope_cos_sin
+from llada_app.modeling import LLaDAModelLM, rope_cos_sin
 
 Progress = Callable[[float, str], None]  # (fraction done in [0, 1], what is happening)
 
@@ -117,23 +117,10 @@ class CacheGraph(nn.Module):
 
 def _block_with_cache(block, x, cos, sin, bias, past_k, past_v, fresh, take):
     """LLaDABlock.forward with the cache overwrite done by position masks (same order of operations)."""
-    B, T, _ = x.shape
-    h = block.attn_norm(x)
-    q = block.q_proj(h).view(B, T, block.n_heads, block.head_dim).transpose(1, 2)  # [B, nh, T, hd]
-    k = block.k_proj(h).view(B, T, block.n_kv_heads, block.head_dim).transpose(1, 2)  # [B, nkv, T, hd]
-    v = block.v_proj(h).view(B, T, block.n_kv_heads, block.head_dim).transpose(1, 2)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    q, k, v = block.qkv(x, cos, sin)
     k = torch.where(fresh, k.index_select(2, take), past_k)  # [B, nkv, S, hd]
     v = torch.where(fresh, v.index_select(2, take), past_v)
-    present_k, present_v = k, v
-    if block.n_kv_heads != block.n_heads:
-        rep = block.n_heads // block.n_kv_heads
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    a = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-    x = x + block.attn_out(a.transpose(1, 2).reshape(B, T, -1))
-    m = block.ff_norm(x)
-    x = x + block.ff_out(F.silu(block.ff_proj(m)) * block.up_proj(m))
-    return x, present_k, present_v
+    return block.attend_and_mlp(x, q, k, v, bias), k, v
 
 
 def past_names(n_layers: int) -> tuple[list[str], list[str]]:

@@ -151,27 +151,35 @@ class LLaDABlock(nn.Module):
         self.up_proj = nn.Linear(d, cfg.mlp_hidden_size, bias=False)
         self.ff_out = nn.Linear(cfg.mlp_hidden_size, d, bias=False)  # down projection
 
-    def forward(self, x, cos, sin, attn_bias, past: KV | None, start: int, causal: bool):
+    def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """x [B, T, d] -> q [B, nh, T, hd] and k, v [B, nkv, T, hd], q and k rotated."""
         B, T, _ = x.shape
         h = self.attn_norm(x)
-        q = self.q_proj(h).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, nh, T, hd]
-        k = self.k_proj(h).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, nkv, T, hd]
+        q = self.q_proj(h).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(h).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(h).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def attend_and_mlp(self, x, q, k, v, attn_bias, is_causal: bool = False) -> torch.Tensor:
+        """The rest of the block, given the keys/values to attend to (k, v [B, nkv, S, hd])."""
+        B, T, _ = x.shape
+        if self.n_kv_heads != self.n_heads:  # GQA: share each K/V head among n_heads/n_kv_heads queries
+            rep = self.n_heads // self.n_kv_heads
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, is_causal=is_causal)
+        x = x + self.attn_out(a.transpose(1, 2).reshape(B, T, -1))
+        m = self.ff_norm(x)
+        return x + self.ff_out(F.silu(self.ff_proj(m)) * self.up_proj(m))
+
+    def forward(self, x, cos, sin, attn_bias, past: KV | None, start: int, causal: bool):
+        T = x.shape[1]
+        q, k, v = self.qkv(x, cos, sin)
         if past is not None:
             pk, pv = past
             k = torch.cat([pk[:, :, :start], k, pk[:, :, start + T:]], dim=2)  # [B, nkv, S, hd]
             v = torch.cat([pv[:, :, :start], v, pv[:, :, start + T:]], dim=2)
-        present = (k, v)
-        if self.n_kv_heads != self.n_heads:  # GQA: share each K/V head among n_heads/n_kv_heads queries
-            rep = self.n_heads // self.n_kv_heads
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         is_causal = causal and attn_bias is None and past is None
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, is_causal=is_causal)
-        x = x + self.attn_out(a.transpose(1, 2).reshape(B, T, -1))
-        m = self.ff_norm(x)
-        x = x + self.ff_out(F.silu(self.ff_proj(m)) * self.up_proj(m))
-        return x, present
+        return self.attend_and_mlp(x, q, k, v, attn_bias, is_causal), (k, v)
 
 
 class LLaDAPreTrainedModel(PreTrainedModel):

@@ -25,6 +25,16 @@ def tiny_config(tokenizer, **overrides) -> LLaDAConfig:
     return LLaDAConfig(**kw)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """The models here are tiny: one intra-op thread is faster than two, and far faster than two
+    threads fighting other processes for a 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     return train_bpe_tokenizer(TEXT * 4, vocab_size=320)

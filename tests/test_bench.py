@@ -7,14 +7,6 @@ import torch
 from llada_app import bench
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_bench_json_on_a_tiny_random_shape(capsys):
     bench.main(["--shape", "tiny", "--gen-length", "16", "--block-length", "8", "--prompts", "2",
                 "--batch-size", "2", "--repeats", "1", "--warmup", "0", "--json"])

@@ -9,15 +9,6 @@ from llada_app.modeling import LLaDAModelLM
 
 from conftest import tiny_config
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster than two on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 PROMPT = "From fairest creatures"
 ANSWER = " we desire increase, That thereby beauty's rose might never die"
 

@@ -1,6 +1,5 @@
 """Loading checkpoints in the official layout, and the clear errors for broken ones."""
 import json
-import shutil
 
 import pytest
 import torch
