@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import string
 import sys
 from dataclasses import asdict, dataclass
@@ -141,3 +140,158 @@ class PoemCorpus:
         if direction not in PHRASINGS:
             raise ValueError(f"direction must be 'next' or 'previous', got {direction!r}")
         return info.next if direction == "next" else info.previous
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation through the chat interface
+
+GEN_LENGTH = 32  # MDM: gen length = block length = steps (the paper uses 28); > the longest line + EoT
+
+
+@dataclass
+class EvalResult:
+    model: str
+    split: str
+    forward: float  # exact-match accuracy, next line
+    reversal: float  # exact-match accuracy, previous line
+    multiturn: float  # exact match of the follow-up answer ("and the line after/before that?")
+    n_pairs: int  # questions per direction
+    n_followups: int
+    samples: list[dict]  # a few (question, expected, answer) triples for inspection
+
+
+def _pairs(sonnets: list[Sonnet], limit: int | None) -> list[tuple[str, str]]:
+    """Adjacent (line, next line) pairs; `limit` keeps an evenly spread subset."""
+    pairs = [(s.lines[i], s.lines[i + 1]) for s in sonnets for i in range(len(s.lines) - 1)]
+    if limit is not None and limit < len(pairs):
+        stride = len(pairs) / limit
+        pairs = [pairs[int(k * stride)] for k in range(limit)]
+    return pairs
+
+
+class ChatAnswerer:
+    """Answers batches of chat conversations greedily with the shared samplers (MDM or ARM)."""
+
+    def __init__(self, model, tokenizer, ids, gen_length: int = GEN_LENGTH, batch_size: int = 64):
+        from .backends import TorchDenoiser
+
+        self.model, self.tokenizer, self.ids = model, tokenizer, ids
+        self.denoiser = TorchDenoiser(model)
+        self.causal = bool(getattr(model.config, "causal", False))
+        self.gen_length, self.batch_size = gen_length, batch_size
+
+    def __call__(self, conversations: list[list[dict]]) -> list[str]:
+        out = []
+        for k in range(0, len(conversations), self.batch_size):
+            out += self._batch(conversations[k:k + self.batch_size])
+        return out
+
+    def _batch(self, conversations: list[list[dict]]) -> list[str]:
+        from .generation import GenerationConfig, generate, generate_arm, pad_prompts
+        from .tokenization import chat_prompt_ids
+
+        prompts = [chat_prompt_ids(self.tokenizer, c) for c in conversations]
+        ids, attn = pad_prompts(prompts, self.ids.pad)  # [B, P], left-padded
+        if self.causal:
+            seq = generate_arm(self.denoiser, ids, attn, max_new_tokens=self.gen_length,
+                               stop_ids=[self.ids.eot, self.ids.eos])
+        else:
+            G = self.gen_length
+            config = GenerationConfig(gen_length=G, block_length=G, steps=G, temperature=0.0)
+            seq = generate(self.denoiser, ids, attn, config, mask_id=self.ids.mask, eos_id=self.ids.eos,
+                           eot_id=self.ids.eot)
+        answers = []
+        for row in seq[:, ids.shape[1]:].tolist():
+            stop = [i for i, t in enumerate(row) if t in (self.ids.eot, self.ids.eos)]
+            answers.append(self.tokenizer.decode(row[:stop[0]] if stop else row, skip_special_tokens=True).strip())
+        return answers
+
+
+def evaluate(model, tokenizer, ids, corpus: PoemCorpus, split: str = "heldout", limit: int | None = None,
+             name: str = "model", gen_length: int = GEN_LENGTH, multiturn: bool = True) -> EvalResult:
+    """Forward / reversal / follow-up exact match on the adjacent line pairs of `split`'s sonnets."""
+    answer = ChatAnswerer(model, tokenizer, ids, gen_length)
+    pairs = _pairs(corpus.split(split), limit)
+    fwd_q = [[{"role": "user", "content": question(a, "next")}] for a, _ in pairs]
+    rev_q = [[{"role": "user", "content": question(b, "previous")}] for _, b in pairs]
+    fwd_a, rev_a = answer(fwd_q), answer(rev_q)
+    fwd_ok = [normalise(x) == normalise(b) for x, (_, b) in zip(fwd_a, pairs)]
+    rev_ok = [normalise(x) == normalise(a) for x, (a, _) in zip(rev_a, pairs)]
+    follow_ok: list[bool] = []
+    if multiturn:
+        # A chain of two adjacent pairs: ask one step, then "and the line after/before that?" on the
+        # model's own first answer; the follow-up's expected line is two away from the asked one.
+        chains = [(p, q) for p, q in zip(pairs, pairs[1:]) if p[1] == q[0]]
+        convs = []
+        for (a, b), (_, c) in chains:
+            convs.append(([{"role": "user", "content": question(a, "next")}], c, "next"))
+            convs.append(([{"role": "user", "content": question(c, "previous")}], a, "previous"))
+        first = answer([c for c, _, _ in convs])
+        second_q = [c + [{"role": "assistant", "content": f},
+                         {"role": "user", "content": followup_question(d)}]
+                    for (c, _, d), f in zip(convs, first)]
+        second = answer(second_q) if second_q else []
+        follow_ok = [normalise(x) == normalise(e) for x, (_, e, _) in zip(second, convs)]
+    samples = [dict(question=q[0]["content"], expected=b, answer=x)
+               for q, x, (_, b) in list(zip(fwd_q, fwd_a, pairs))[:3]]
+    samples += [dict(question=q[0]["content"], expected=a, answer=x)
+                for q, x, (a, _) in list(zip(rev_q, rev_a, pairs))[:3]]
+    mean = lambda xs: sum(xs) / len(xs) if xs else 0.0  # noqa: E731
+    return EvalResult(model=name, split=split, forward=mean(fwd_ok), reversal=mean(rev_ok),
+                      multiturn=mean(follow_ok), n_pairs=len(pairs), n_followups=len(follow_ok),
+                      samples=samples)
+
+
+def format_table(results: list[EvalResult]) -> str:
+    """Shaped like the LLaDA paper's reversal-poem table (model, forward, reversal), plus follow-ups."""
+    rows = ["| Model | Forward | Reversal | Multi-turn | Pairs |", "| --- | --- | --- | --- | --- |"]
+    rows += [f"| {r.model} ({r.split}) | {100 * r.forward:.1f} | {100 * r.reversal:.1f} | "
+             f"{100 * r.multiturn:.1f} | {r.n_pairs} |" for r in results]
+    return "\n".join(rows)
+
+
+def _training_answer_slots(model_dir: str) -> int | None:
+    meta = Path(model_dir) / TRAINING_META
+    return json.loads(meta.read_text()).get("config", {}).get("answer_slots") if meta.is_file() else None
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m llada_app.poems", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("eval", help="forward / reversal exact match through the chat interface")
+    p.add_argument("--model", action="append", required=True,
+                   help="model folder (repeat the flag to put several models in one table)")
+    p.add_argument("--split", choices=["heldout", "train"], default="heldout",
+                   help="heldout: sonnets kept out of SFT (default); train: the SFT sonnets")
+    p.add_argument("--limit", type=int, default=None, help="at most N line pairs per direction")
+    p.add_argument("--gen-length", type=int, default=None,
+                   help="MDM gen length = block length = steps; ARM max new tokens (default: the model's "
+                        f"training answer_slots from {TRAINING_META}, else {GEN_LENGTH})")
+    p.add_argument("--no-multiturn", action="store_true", help="skip the follow-up questions")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    args = parser.parse_args(argv)
+    if args.limit is not None and args.limit < 1:
+        parser.error("--limit must be >= 1")
+
+    from .loading import load_model
+
+    results = []
+    for model_dir in args.model:
+        loaded = load_model(model_dir, device=args.device)
+        corpus = PoemCorpus.for_model(model_dir)
+        gen_length = args.gen_length or _training_answer_slots(model_dir) or GEN_LENGTH
+        kind = "ARM" if loaded.model.config.causal else "MDM"
+        results.append(evaluate(loaded.model, loaded.tokenizer, loaded.ids, corpus, args.split, args.limit,
+                                name=f"{loaded.name} [{kind}]", gen_length=gen_length,
+                                multiturn=not args.no_multiturn))
+    if args.json:
+        json.dump([asdict(r) for r in results], sys.stdout, indent=2)
+        print()
+    else:
+        print(format_table(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""The reversal-poem task: phrasings, normalisation, corpus lookup and the evaluation plumbing."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from llada_app.data import load_sonnets
+from llada_app.poems import (ChatAnswerer, PoemCorpus, _pairs, evaluate, followup_question, format_table,
+                             normalise, question)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_question_phrasings():
+    line = "From fairest creatures we desire increase,"
+    assert question(line, "next") == f'What is the next line after "{line}"?'
+    assert question(line, "previous") == f'What is the line before "{line}"?'
+    assert len({question(line, "next", v) for v in range(8)}) > 1
+    assert followup_question("next") == "And the line after that?"
+    with pytest.raises(ValueError):
+        question(line, "sideways")
+
+
+def test_normalise_ignores_case_space_and_punctuation():
+    assert normalise("  That thereby Beauty's rose,  might never die! ") == normalise("that thereby beautys rose might never die")
+    assert normalise("a b") != normalise("a c")
+
+
+def test_corpus_lookup_and_held_out_flag():
+    corpus = PoemCorpus(load_sonnets(), 30)
+    info = corpus.lookup("that thereby beauty's rose might never die")
+    assert (info.sonnet, info.index, info.held_out) == (1, 1, False)
+    assert info.previous == "From fairest creatures we desire increase,"
+    assert corpus.expected(info.text, "next") == "But as the riper should by time decease,"
+    held = corpus.lookup(load_sonnets()[27].lines[5])
+    assert held.sonnet == 28 and held.held_out and held.in_training
+    assert not corpus.lookup(load_sonnets()[99].lines[0]).in_training
+    assert corpus.lookup("not a line of any sonnet") is None
+    assert corpus.expected(load_sonnets()[0].lines[0], "previous") is None
+    assert [s.number for s in corpus.split("heldout")] == [26, 27, 28, 29, 30]
+
+
+def test_pairs_limit_spreads_over_the_split():
+    sonnets = load_sonnets()[:2]
+    assert len(_pairs(sonnets, None)) == 26
+    picked = _pairs(sonnets, 4)
+    assert len(picked) == 4 and picked[0][0] == sonnets[0].lines[0] and picked[-1][0] in sonnets[1].lines
+
+
+class _Oracle:
+    """Stands in for a model: answers questions from the corpus (checks the scoring, not a model)."""
+
+    def __init__(self, corpus, wrong_direction=None):
+        self.corpus, self.wrong = corpus, wrong_direction
+
+    def __call__(self, conversations):
+        out = []
+        for conv in conversations:
+            line, direction = None, None
+            for m in conv:
+                if m["role"] == "user" and '"' in m["content"]:
+                    line = m["content"].split('"')[1]
+                    direction = "next" if "next" in m["content"] else "previous"
+                elif m["role"] == "assistant":
+                    line = m["content"]
+            out.append("" if direction == self.wrong else self.corpus.expected(line, direction).upper())
+        return out
+
+
+def test_evaluate_scores_exact_matches(monkeypatch, tiny_model, tiny_tokenizer):
+    corpus = PoemCorpus(load_sonnets(), 30)
+    import llada_app.poems as poems
+
+    monkeypatch.setattr(poems, "ChatAnswerer", lambda *a, **k: _Oracle(corpus, wrong_direction="previous"))
+    r = evaluate(None, None, None, corpus, "heldout", limit=None)
+    assert (r.forward, r.reversal, r.n_pairs) == (1.0, 0.0, 65)
+    assert 0.4 < r.multiturn < 0.6  # forward chains right, backward chains wrong
+    assert "| model (heldout) | 100.0 | 0.0 |" in format_table([r])
+
+
+def test_chat_answerer_runs_both_decoders(tiny_model, tiny_tokenizer):
+    from llada_app.loading import special_ids
+    from llada_app.modeling import LLaDAModelLM
+
+    ids = special_ids(tiny_tokenizer, tiny_model.config)
+    conv = [[{"role": "user", "content": question("From fairest creatures we desire increase,", "next")}]] * 2
+    mdm = ChatAnswerer(tiny_model, tiny_tokenizer, ids, gen_length=8)(conv)
+    causal = LLaDAModelLM(type(tiny_model.config)(**{**tiny_model.config.to_dict(), "causal": True})).eval()
+    arm = ChatAnswerer(causal, tiny_tokenizer, ids, gen_length=8)(conv)
+    assert len(mdm) == len(arm) == 2 and all(isinstance(a, str) for a in mdm + arm)
+    assert mdm[0] == mdm[1]  # greedy decoding of the same prompt
+
+
+def test_eval_cli_on_a_micro_model(tmp_path):
+    from llada_app.train import parse_args, train
+
+    cfg, _ = parse_args(["--preset", "micro", "--output-dir", str(tmp_path), "--no-progress", "--pretrain-steps", "5",
+                         "--sft-steps", "0"])
+    train(cfg)
+    proc = subprocess.run([sys.executable, "-m", "llada_app.poems", "eval", "--model", str(tmp_path), "--limit", "3",
+                           "--json", "--device", "cpu"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)[0]
+    assert result["n_pairs"] == 3 and 0 <= result["forward"] <= 1 and "[MDM]" in result["model"]

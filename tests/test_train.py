@@ -1,0 +1,251 @@
+"""Training: the losses against direct computations, the micro run, kill-and-resume, accelerate launch."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from llada_app.train import (PRESETS, Batch, TrainConfig, arm_loss, batch_loss, forward_process, lr_at, mdm_loss,
+                             parse_args, train)
+
+ROOT = Path(__file__).resolve().parent.parent
+MODELS = ROOT / "assets" / "models"
+
+
+def _direct_mdm(logits, targets, masked, p, answer_lengths=None):
+    """The loss written out token by token (the reference the vectorised function must match)."""
+    B, L, _ = logits.shape
+    per_seq = []
+    for b in range(B):
+        s = 0.0
+        for i in range(L):
+            if masked[b, i]:
+                s += -torch.log_softmax(logits[b, i].double(), -1)[targets[b, i]].item() / p[b].item()
+        per_seq.append(s)
+    if answer_lengths is None:
+        return sum(per_seq) / (B * L)
+    return sum(s / answer_lengths[b].item() for b, s in enumerate(per_seq)) / B
+
+
+def test_forward_process_masks_with_probability_p_and_protects_the_prompt():
+    ids = torch.arange(40).view(2, 20)  # [B, L]
+    t = torch.tensor([0.0, 1.0])
+    u = torch.linspace(0, 0.999, 20).repeat(2, 1)
+    noisy, masked, p = forward_process(ids, t, u, mask_id=-1, eps=1e-3)
+    assert torch.allclose(p, torch.tensor([1e-3, 1.0]))
+    assert masked[0].sum() == 1 and masked[1].all()  # u < p
+    assert (noisy[masked] == -1).all() and (noisy[~masked] == ids[~masked]).all()
+    maskable = torch.arange(20)[None, :] >= torch.tensor([[5], [12]])  # prompts of 5 and 12 tokens
+    noisy, masked, _ = forward_process(ids, torch.ones(2), u, mask_id=-1, maskable=maskable)
+    assert not masked[0, :5].any() and not masked[1, :12].any()  # t = 1 still never masks the prompt
+    assert masked[0, 5:].all() and masked[1, 12:].all()
+    assert (noisy[:, :5] == ids[:, :5]).all()
+
+
+def test_mdm_loss_matches_direct_computation():
+    g = torch.Generator().manual_seed(0)
+    B, L, V = 3, 7, 11
+    logits = torch.randn(B, L, V, generator=g)
+    targets = torch.randint(0, V, (B, L), generator=g)
+    t, u = torch.rand(B, generator=g), torch.rand(B, L, generator=g)
+    _, masked, p = forward_process(targets, t, u, mask_id=V - 1)
+    assert masked.any() and not masked.all()
+    got = mdm_loss(logits, targets, masked, p).item()
+    assert got == pytest.approx(_direct_mdm(logits, targets, masked, p), rel=1e-5)
+    # SFT: prompt protected, per-sequence normalisation by answer length (EOS padding included)
+    prompt = torch.tensor([2, 4, 3])
+    maskable = torch.arange(L)[None, :] >= prompt[:, None]
+    _, masked, p = forward_process(targets, t, u, mask_id=V - 1, maskable=maskable)
+    lengths = (L - prompt).float()
+    got = mdm_loss(logits, targets, masked, p, lengths).item()
+    assert got == pytest.approx(_direct_mdm(logits, targets, masked, p, lengths), rel=1e-5)
+    # the 1/p weighting: halving p doubles the loss
+    assert mdm_loss(logits, targets, masked, p / 2, lengths).item() == pytest.approx(2 * got, rel=1e-5)
+
+
+def test_arm_loss_is_next_token_cross_entropy_on_the_answer():
+    g = torch.Generator().manual_seed(1)
+    B, L, V = 2, 6, 9
+    logits = torch.randn(B, L, V, generator=g)
+    targets = torch.randint(0, V, (B, L), generator=g)
+    full = F.cross_entropy(logits[:, :-1].reshape(-1, V), targets[:, 1:].reshape(-1))
+    assert arm_loss(logits, targets).item() == pytest.approx(full.item(), rel=1e-6)
+    loss_mask = torch.zeros(B, L, dtype=torch.bool)
+    loss_mask[0, 3:5] = True  # answer tokens 3, 4 of row 0 (predicted from positions 2, 3)
+    loss_mask[1, 4:6] = True
+    expect = []
+    for b, cols in ((0, [3, 4]), (1, [4, 5])):
+        expect.append(sum(F.cross_entropy(logits[b, c - 1][None], targets[b, c][None]).item() for c in cols) / 2)
+    assert arm_loss(logits, targets, loss_mask).item() == pytest.approx(sum(expect) / 2, rel=1e-6)
+
+
+def test_batch_loss_never_masks_the_sft_prompt(tiny_model, tiny_tokenizer):
+    """Through batch_loss: the logits the model sees keep the prompt intact at every noise level."""
+    seen = []
+
+    class Spy(torch.nn.Module):
+        def forward(self, ids):
+            seen.append(ids.clone())
+            return tiny_model(ids)
+
+    ids = torch.randint(10, 100, (4, 12))
+    batch = Batch(ids, torch.tensor([3, 5, 7, 2]), torch.tensor([6, 8, 9, 5]), "sft")
+    cfg = TrainConfig()
+    mask_id = tiny_tokenizer.mask_token_id
+    for seed in range(5):
+        batch_loss(Spy(), batch, cfg, mask_id, torch.Generator().manual_seed(seed))
+    for noisy in seen:
+        for b, n in enumerate([3, 5, 7, 2]):
+            assert (noisy[b, :n] == ids[b, :n]).all()
+    assert any((noisy == mask_id).any() for noisy in seen)
+
+
+def test_lr_schedule_warms_up_then_decays():
+    cfg = TrainConfig(lr=1e-3, warmup_steps=10, pretrain_steps=100, sft_steps=0, min_lr_ratio=0.1)
+    assert lr_at(0, cfg) == pytest.approx(1e-4)
+    assert lr_at(9, cfg) == pytest.approx(1e-3)
+    assert lr_at(99, cfg) < lr_at(50, cfg) < lr_at(10, cfg)
+    assert lr_at(1000, cfg) == pytest.approx(1e-4)
+
+
+def test_cli_overrides_every_preset_value():
+    cfg, resume = parse_args(["--preset", "micro", "--d-model", "48", "--lr", "0.01", "--stage", "pretrain",
+                              "--no-progress", "--resume"])
+    assert (cfg.d_model, cfg.lr, cfg.sft_steps, cfg.progress, resume) == (48, 0.01, 0, False, True)
+    assert cfg.n_layers == PRESETS["micro"]["n_layers"]
+    with pytest.raises(SystemExit):
+        parse_args(["--objective", "gpt"])
+
+
+def _micro(tmp_path, **kw) -> TrainConfig:
+    cfg, _ = parse_args(["--preset", "micro", "--output-dir", str(tmp_path), "--no-progress"])
+    for k, v in kw.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def _held_loss(model, cfg, tokenizer) -> float:
+    """Mean loss on 8 fixed pre-training batches with fixed noise (the training loss itself is noisy)."""
+    from llada_app.data import load_sonnets, split_corpus
+    from llada_app.train import BatchMaker
+
+    sonnets = load_sonnets()
+    maker = BatchMaker(cfg, tokenizer, sonnets[:cfg.n_sonnets], split_corpus(sonnets, cfg.n_sonnets)[0])
+    with torch.no_grad():
+        losses = [batch_loss(model.eval(), maker.pretrain_batch(maker.rng(10_000 + k, 0)), cfg,
+                             tokenizer.mask_token_id, torch.Generator().manual_seed(k)).item() for k in range(8)]
+    return sum(losses) / len(losses)
+
+
+@pytest.mark.parametrize("objective", ["mdm", "arm"])
+def test_micro_pretraining_lowers_the_loss_and_writes_outputs(tmp_path, objective):
+    from llada_app.loading import load_model
+    from llada_app.train import build_model
+
+    cfg = _micro(tmp_path, objective=objective, sft_steps=10)
+    out = train(cfg)
+    history = json.loads((out / "metrics.json").read_text())
+    assert [h["kind"] for h in history["train"]].count("sft") >= 1
+    assert all(h["tok_per_s"] > 0 for h in history["train"])
+    assert (out / "loss.png").stat().st_size > 0
+    assert not (out / "checkpoints").exists()
+    loaded = load_model(str(out), device="cpu")
+    assert loaded.model.config.causal == (objective == "arm")
+    assert next(iter(load_file(out / "model.safetensors").values())).dtype == torch.float16
+    torch.manual_seed(cfg.seed)  # the initial weights of the run
+    initial = build_model(cfg, loaded.tokenizer)
+    before, after = _held_loss(initial, cfg, loaded.tokenizer), _held_loss(loaded.model, cfg, loaded.tokenizer)
+    assert after < 0.85 * before, (before, after)
+
+
+def _run(args, **kw):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, "-m", "llada_app.train", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
+    common = ["--preset", "micro", "--pretrain-steps", "30", "--sft-steps", "15", "--save-every", "5",
+              "--save-dtype", "fp32", "--threads", "1", "--no-progress", "--seed", "3"]
+    ref = _run([*common, "--output-dir", str(tmp_path / "ref")])
+    assert ref.wait(timeout=120) == 0, ref.stdout.read()
+
+    out = tmp_path / "killed"
+    proc = _run([*common, "--output-dir", str(out)])
+    deadline = time.time() + 120
+    while not list((out / "checkpoints").glob("step-*")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "model.safetensors").exists()
+    killed_at = [int(p.name.removeprefix("step-")) for p in (out / "checkpoints").glob("step-*")]
+    assert killed_at and max(killed_at) < 45
+
+    resumed = _run([*common, "--output-dir", str(out), "--resume"])
+    text = resumed.communicate(timeout=120)[0]
+    assert resumed.returncode == 0, text
+    assert "resumed from" in text
+    a, b = load_file(tmp_path / "ref" / "model.safetensors"), load_file(out / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    steps = [json.loads((d / "metrics.json").read_text())["train"][-1]["step"] for d in (tmp_path / "ref", out)]
+    assert steps == [45, 45]
+
+
+def test_checkpoint_save_is_atomic(tmp_path):
+    """A leftover temporary folder (a kill mid-save) is never taken for a checkpoint."""
+    from llada_app.train import _checkpoints
+
+    (tmp_path / "checkpoints" / ".tmp-step-0000020").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "step-0000010").mkdir()
+    (tmp_path / "checkpoints" / "step-0000010" / "trainer_state.json").write_text("{}")
+    assert [p.name for p in _checkpoints(tmp_path)] == ["step-0000010"]
+
+
+@pytest.mark.skipif(shutil.which("accelerate") is None, reason="accelerate CLI not installed")
+def test_accelerate_launch_two_cpu_processes(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        ["accelerate", "launch", "--num_processes", "2", "--cpu", "--num_machines", "1", "--mixed_precision", "no",
+         "--dynamo_backend", "no", "-m", "llada_app.train", "--preset", "micro", "--output-dir", str(tmp_path),
+         "--no-progress", "--pretrain-steps", "20", "--sft-steps", "10"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    history = json.loads((tmp_path / "metrics.json").read_text())
+    assert history["train"][-1]["step"] == 30
+    assert (tmp_path / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("name,causal", [("sonnets-mdm", False), ("sonnets-arm", True)])
+def test_bundled_checkpoints_load_and_chat(name, causal):
+    from llada_app.generation import pad_prompts
+    from llada_app.loading import load_model
+    from llada_app.poems import question
+    from llada_app.tokenization import chat_prompt_ids
+
+    loaded = load_model(str(MODELS / name), device="cpu")
+    assert loaded.model.config.causal is causal
+    tok = loaded.tokenizer
+    ids = chat_prompt_ids(tok, [{"role": "user", "content": question("From fairest creatures we desire increase,", "next")}])
+    text = tok.decode(ids)
+    assert text.startswith("<|startoftext|><|start_header_id|>user<|end_header_id|>\n\n")
+    assert text.endswith("<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
+    x, _ = pad_prompts([ids], loaded.ids.pad)
+    logits = loaded.model(x).logits
+    assert logits.shape == (1, len(ids), loaded.model.config.embedding_size)
+    assert torch.isfinite(logits).all()
+
+
+def test_bundled_checkpoints_fit_the_size_budget():
+    total = sum(f.stat().st_size for name in ("sonnets-mdm", "sonnets-arm") for f in (MODELS / name).iterdir())
+    assert total <= 25 * 2**20
