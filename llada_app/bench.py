@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from .generation import GenerationConfig, generate, generate_arm, pad_prompts
 from .loading import BUNDLED_MODELS, DEFAULT_MODEL, LoadedModel
+from .tokenization import answer_tokens, chat_prompt_ids, decode_answer
 
 DEFAULT_ARM = str(BUNDLED_MODELS / "sonnets-arm")
 
@@ -178,12 +179,8 @@ def mode_configs(gen_length: int, block_length: int, threshold: float) -> dict[s
 
 def _answers(tokenizer, ids, rows: torch.Tensor) -> tuple[list[list[int]], list[str]]:
     """Answer slots [B, G] -> token lists cut at the first EOS/EoT, and their text."""
-    toks, texts = [], []
-    for row in rows.tolist():
-        cut = next((i for i, t in enumerate(row) if t in (ids.eos, ids.eot)), len(row))
-        toks.append(row[:cut])
-        texts.append(tokenizer.decode(row[:cut], skip_special_tokens=True).strip())
-    return toks, texts
+    toks = [answer_tokens(row, ids) for row in rows.tolist()]
+    return toks, [decode_answer(tokenizer, t, ids) for t in toks]
 
 
 def _accuracy(texts: list[str], prompts: list[Prompt]) -> float | None:
@@ -270,8 +267,6 @@ def run_bench(args) -> dict:
             arm_loaded = None
         if arm_loaded is not None:
             arm = (TimedDenoiser(make_denoiser(arm_loaded, args.backend, args.arm_onnx)), arm_loaded)
-
-    from .tokenization import chat_prompt_ids
 
     prompts = poem_prompts(args.prompts, None if args.shape else (args.model or DEFAULT_MODEL), args.split)
     if args.shape:  # random weights: known answers mean nothing

@@ -188,7 +188,7 @@ class ChatAnswerer:
 
     def _batch(self, conversations: list[list[dict]]) -> list[str]:
         from .generation import GenerationConfig, generate, generate_arm, pad_prompts
-        from .tokenization import chat_prompt_ids
+        from .tokenization import chat_prompt_ids, decode_answer
 
         prompts = [chat_prompt_ids(self.tokenizer, c) for c in conversations]
         ids, attn = pad_prompts(prompts, self.ids.pad)  # [B, P], left-padded
@@ -200,11 +200,7 @@ class ChatAnswerer:
             config = GenerationConfig(gen_length=G, block_length=G, steps=G, temperature=0.0)
             seq = generate(self.denoiser, ids, attn, config, mask_id=self.ids.mask, eos_id=self.ids.eos,
                            eot_id=self.ids.eot)
-        answers = []
-        for row in seq[:, ids.shape[1]:].tolist():
-            stop = [i for i, t in enumerate(row) if t in (self.ids.eot, self.ids.eos)]
-            answers.append(self.tokenizer.decode(row[:stop[0]] if stop else row, skip_special_tokens=True).strip())
-        return answers
+        return [decode_answer(self.tokenizer, row, self.ids) for row in seq[:, ids.shape[1]:].tolist()]
 
 
 def evaluate(model, tokenizer, ids, corpus: PoemCorpus, split: str = "heldout", limit: int | None = None,

@@ -25,7 +25,7 @@ import torch
 from . import poems
 from .backends import Denoiser, TorchDenoiser
 from .loading import BUNDLED_MODELS, LoadedModel
-from .tokenization import chat_prompt_ids
+from .tokenization import chat_prompt_ids, decode_answer
 
 DECODING_MODES = {  # UI label -> (uses the threshold τ, cache)
     "vanilla": (False, "none"),
@@ -404,17 +404,6 @@ class Studio:
 
 
 # ---- display helpers ---------------------------------------------------------------------------
-def decode_answer(tokenizer, answer: list[int], ids) -> str:
-    """Answer ids -> text up to the first EOS/EoT, masks dropped (what goes into the chat history)."""
-    out = []
-    for t in answer:
-        if t in (ids.eos, ids.eot):
-            break
-        if t != ids.mask:
-            out.append(t)
-    return tokenizer.decode(out, skip_special_tokens=True).strip()
-
-
 def confidence_colour(c: float) -> str:
     """Low confidence warm (red/orange), high confidence green."""
     c = min(max(c, 0.0), 1.0)

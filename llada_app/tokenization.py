@@ -5,7 +5,7 @@ and the official one are driven by the same code.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
@@ -36,6 +36,22 @@ def chat_prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) ->
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     # The template already holds BOS; the tokenizer must not add another one.
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def answer_tokens(answer: Sequence[int], ids) -> list[int]:
+    """Answer ids -> the tokens before the first EOS/EoT, masks dropped (`ids`: loading.SpecialIds)."""
+    out = []
+    for t in answer:
+        if t in (ids.eos, ids.eot):
+            break
+        if t != ids.mask:
+            out.append(t)
+    return out
+
+
+def decode_answer(tokenizer: PreTrainedTokenizerBase, answer: Sequence[int], ids) -> str:
+    """Answer ids -> its text: what goes into the chat history and what the evaluations score."""
+    return tokenizer.decode(answer_tokens(answer, ids), skip_special_tokens=True).strip()
 
 
 def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:

@@ -16,8 +16,8 @@ from gradio_client.exceptions import AppError
 from ui_support import app_model_dirs, free_port, mask_count, message_text, strip_tags
 
 from llada_app import poems
-from llada_app.studio import (DECODING_MODES, MASK_GLYPH, ChatSettings, Stopped, build_studio, decode_answer,
-                              render_canvas)
+from llada_app.studio import DECODING_MODES, MASK_GLYPH, ChatSettings, Stopped, build_studio, render_canvas
+from llada_app.tokenization import decode_answer
 from llada_app.ui import build_app, launch
 
 # Small canvases keep the suite fast; one block, so every step is a visible reveal.
