@@ -280,22 +280,18 @@ def _open(folder, loaded):
                         fingerprint=model_fingerprint(loaded.model))
 
 
-def test_other_vocabulary_is_refused(other_exports, tiny_loaded, tiny_export, tmp_path):
-    with pytest.raises(OnnxBackendError, match="vocabulary size"):
-        _open(other_exports["vocab"], tiny_loaded)
+@pytest.mark.parametrize("kind, config_error, graph_error", [
+    ("vocab", "vocabulary size", "logits per position"),
+    ("hidden", "hidden size 32", "has hidden size 32"),
+])
+def test_export_of_another_model_is_refused(other_exports, tiny_loaded, tiny_export, tmp_path,
+                                            kind, config_error, graph_error):
+    with pytest.raises(OnnxBackendError, match=config_error):
+        _open(other_exports[kind], tiny_loaded)
     # the graph itself is checked too: a config.json copied from the right model does not fool it
-    folder = shutil.copytree(other_exports["vocab"], tmp_path / "v")
+    folder = shutil.copytree(other_exports[kind], tmp_path / kind)
     shutil.copy(tiny_export / "config.json", folder / "config.json")
-    with pytest.raises(OnnxBackendError, match="logits per position"):
-        OnnxDenoiser(folder, expect_config=tiny_loaded.model.config)
-
-
-def test_other_hidden_size_is_refused(other_exports, tiny_loaded, tiny_export, tmp_path):
-    with pytest.raises(OnnxBackendError, match="hidden size 32"):
-        _open(other_exports["hidden"], tiny_loaded)
-    folder = shutil.copytree(other_exports["hidden"], tmp_path / "h")
-    shutil.copy(tiny_export / "config.json", folder / "config.json")
-    with pytest.raises(OnnxBackendError, match="has hidden size 32"):
+    with pytest.raises(OnnxBackendError, match=graph_error):
         OnnxDenoiser(folder, expect_config=tiny_loaded.model.config)
 
 
