@@ -29,6 +29,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .data import SONNETS_FILE, load_sonnets, pretraining_window, sft_example, split_corpus, tokenizer_texts
+from .loading import load_model, special_ids
+from .modeling import LLaDAConfig, LLaDAModelLM
+from .poems import TRAINING_META, PoemCorpus, evaluate
+from .tokenization import EOT, chat_prompt_ids, train_bpe_tokenizer
+
 OBJECTIVES = ("mdm", "arm")
 STAGES = ("both", "pretrain", "sft")
 
@@ -182,7 +188,6 @@ class BatchMaker:
         self.cfg, self.tok = cfg, tokenizer
         self.sonnets, self.sft_sonnets = sonnets, sft_sonnets
         vocab = tokenizer.get_vocab()
-        from .tokenization import EOT
         self.eos, self.eot = tokenizer.eos_token_id, vocab[EOT]
 
     def rng(self, step: int, rank: int) -> np.random.Generator:
@@ -194,8 +199,6 @@ class BatchMaker:
         return self.sft_batch(rng) if sft else self.pretrain_batch(rng)
 
     def pretrain_batch(self, rng: np.random.Generator) -> Batch:
-        from .data import pretraining_window
-
         cfg, rows = self.cfg, []
         for _ in range(cfg.batch_size):
             row: list[int] = []
@@ -210,9 +213,6 @@ class BatchMaker:
         return Batch(ids, None, None, "pretrain")
 
     def sft_batch(self, rng: np.random.Generator) -> Batch:
-        from .data import sft_example
-        from .tokenization import chat_prompt_ids
-
         cfg, prompts, answers = self.cfg, [], []
         for _ in range(cfg.batch_size):
             ex = sft_example(self.sft_sonnets[int(rng.integers(len(self.sft_sonnets)))], rng)
@@ -284,15 +284,10 @@ def save_checkpoint(accelerator, out: Path, step: int, history: dict, tokens: in
 # Model, tokenizer, final save
 
 def build_tokenizer(cfg: TrainConfig, sonnets):
-    from .data import tokenizer_texts
-    from .tokenization import train_bpe_tokenizer
-
     return train_bpe_tokenizer(tokenizer_texts(sonnets), cfg.vocab_size)
 
 
 def build_model(cfg: TrainConfig, tokenizer):
-    from .modeling import LLaDAConfig, LLaDAModelLM
-
     config = LLaDAConfig(
         d_model=cfg.d_model, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads, n_layers=cfg.n_layers,
         mlp_hidden_size=cfg.mlp_hidden_size, vocab_size=len(tokenizer), embedding_size=len(tokenizer),
@@ -310,7 +305,6 @@ def save_final(model, tokenizer, cfg: TrainConfig, out: Path) -> None:
     copy.load_state_dict(model.state_dict())
     copy.to(dtype).save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    from .poems import TRAINING_META
     (tmp / TRAINING_META).write_text(json.dumps(dict(n_sonnets=cfg.n_sonnets, objective=cfg.objective,
                                                      config=dataclasses.asdict(cfg)), indent=2))
     for f in tmp.iterdir():  # move file by file: out/ also holds metrics and checkpoints
@@ -352,9 +346,6 @@ def plot_loss(history: dict, path: Path) -> None:
 def train(cfg: TrainConfig, resume: bool = False) -> Path:
     from accelerate import Accelerator
     from tqdm.auto import tqdm
-
-    from .data import SONNETS_FILE, load_sonnets, split_corpus
-    from .loading import load_model
 
     if cfg.objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {cfg.objective!r}")
@@ -487,9 +478,6 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
 
 def _quick_eval(model, tokenizer, sonnets, cfg: TrainConfig) -> dict:
     """Held-out and train-split exact match on a few line pairs (the accuracy-vs-tokens curve)."""
-    from .loading import special_ids
-    from .poems import PoemCorpus, evaluate
-
     model.eval()
     corpus = PoemCorpus(sonnets, cfg.n_sonnets)
     ids = special_ids(tokenizer, model.config)
