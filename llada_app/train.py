@@ -96,7 +96,7 @@ class TrainConfig:
 # `replay=0.5`), and batches are small (8 sequences): on this memorisation task more updates per token
 # beat bigger batches (see README, "Reproducing the bundled checkpoints").
 _BUNDLED = dict(n_sonnets=30, vocab_size=1024, d_model=128, n_heads=4, n_kv_heads=2, n_layers=4,
-                mlp_hidden_size=384, seq_len=128, batch_size=8, pretrain_steps=0, sft_steps=34000,
+                mlp_hidden_size=384, seq_len=128, batch_size=8, pretrain_steps=0, sft_steps=30000,
                 replay=0.5, lr=3e-3, warmup_steps=200, save_every=2000, eval_every=4000, eval_limit=20)
 PRESETS: dict[str, dict] = {
     # A few seconds on a CPU: for tests and smoke runs.
