@@ -5,7 +5,7 @@ As in the LLaDA paper (§5 of DESIGN.md): ask for the next line (forward) or the
 whitespace and punctuation. The sonnets held out of SFT were only ever read in reading order during
 pre-training, so an autoregressive model answers their forward questions but not the reversal ones.
 
-CLI: `python -m llada_app.poems eval --model DIR [--split heldout|train] [--json] [--limit N]`.
+CLI: `python -m llada_app.poems eval --model DIR [--split heldout|train] [--json] [--limit N] [--infill]`.
 """
 from __future__ import annotations
 
@@ -158,6 +158,8 @@ class EvalResult:
     n_pairs: int  # questions per direction
     n_followups: int
     samples: list[dict]  # a few (question, expected, answer) triples for inspection
+    infill_forward: float | None = None  # knowledge probe (MDM only, `infill=True`): see infill_accuracy
+    infill_reversal: float | None = None
 
 
 def _pairs(sonnets: list[Sonnet], limit: int | None) -> list[tuple[str, str]]:
@@ -203,9 +205,44 @@ class ChatAnswerer:
         return [decode_answer(self.tokenizer, row, self.ids) for row in seq[:, ids.shape[1]:].tolist()]
 
 
+def infill_accuracy(model, tokenizer, ids, pairs: list[tuple[str, str]]) -> tuple[float, float]:
+    """Knowledge probe of a masked-diffusion model, outside the chat: exact match of a line infilled
+    next to its neighbour the way pre-training showed them (EOS, line, newline, line, EOS), with the
+    line's length given. A high infill score next to a low chat score means the model knows the
+    text but answering through the chat does not reach that knowledge.
+    -> (forward: the next line from the line, reversal: the previous line from the line)
+    """
+    import torch
+
+    from .backends import TorchDenoiser
+    from .generation import GenerationConfig, generate
+
+    denoiser = TorchDenoiser(model)
+    enc = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    newline = enc("\n")
+
+    def fill(prompt: list[int], answer: list[int | None]) -> str:
+        """Denoise the None slots of `answer` (the other tokens are fixed) -> the decoded slots."""
+        G = len(answer)
+        config = GenerationConfig(gen_length=G, block_length=G, steps=G, temperature=0.0,
+                                  constraints={i: t for i, t in enumerate(answer) if t is not None})
+        out = generate(denoiser, torch.tensor([prompt]), None, config, mask_id=ids.mask, eos_id=ids.eos,
+                       eot_id=ids.eot)[0, len(prompt):].tolist()
+        return tokenizer.decode([t for t, slot in zip(out, answer) if slot is None])
+
+    fwd, rev = [], []
+    for a, b in pairs:
+        A, B = enc(a), enc(b)
+        fwd.append(normalise(fill([ids.eos] + A + newline, [None] * len(B) + [ids.eos])) == normalise(b))
+        rev.append(normalise(fill([ids.eos], [None] * len(A) + newline + B + [ids.eos])) == normalise(a))
+    return sum(fwd) / len(fwd), sum(rev) / len(rev)
+
+
 def evaluate(model, tokenizer, ids, corpus: PoemCorpus, split: str = "heldout", limit: int | None = None,
-             name: str = "model", gen_length: int = GEN_LENGTH, multiturn: bool = True) -> EvalResult:
-    """Forward / reversal / follow-up exact match on the adjacent line pairs of `split`'s sonnets."""
+             name: str = "model", gen_length: int = GEN_LENGTH, multiturn: bool = True,
+             infill: bool = False) -> EvalResult:
+    """Forward / reversal / follow-up exact match on the adjacent line pairs of `split`'s sonnets;
+    with `infill`, a masked-diffusion model also gets the knowledge probe (`infill_accuracy`)."""
     answer = ChatAnswerer(model, tokenizer, ids, gen_length)
     pairs = _pairs(corpus.split(split), limit)
     fwd_q = [[{"role": "user", "content": question(a, "next")}] for a, _ in pairs]
@@ -233,16 +270,23 @@ def evaluate(model, tokenizer, ids, corpus: PoemCorpus, split: str = "heldout", 
     samples += [dict(question=q[0]["content"], expected=a, answer=x)
                 for q, x, (a, _) in list(zip(rev_q, rev_a, pairs))[:3]]
     mean = lambda xs: sum(xs) / len(xs) if xs else 0.0  # noqa: E731
+    probe = infill_accuracy(model, tokenizer, ids, pairs) if infill and not answer.causal else (None, None)
     return EvalResult(model=name, split=split, forward=mean(fwd_ok), reversal=mean(rev_ok),
                       multiturn=mean(follow_ok), n_pairs=len(pairs), n_followups=len(follow_ok),
-                      samples=samples)
+                      samples=samples, infill_forward=probe[0], infill_reversal=probe[1])
 
 
 def format_table(results: list[EvalResult]) -> str:
     """Shaped like the LLaDA paper's reversal-poem table (model, forward, reversal), plus follow-ups."""
-    rows = ["| Model | Forward | Reversal | Multi-turn | Pairs |", "| --- | --- | --- | --- | --- |"]
-    rows += [f"| {r.model} ({r.split}) | {100 * r.forward:.1f} | {100 * r.reversal:.1f} | "
-             f"{100 * r.multiturn:.1f} | {r.n_pairs} |" for r in results]
+    probe = any(r.infill_forward is not None for r in results)
+    rows = ["| Model | Forward | Reversal | Multi-turn | Pairs |" + (" Infill fwd / rev |" if probe else ""),
+            "| --- | --- | --- | --- | --- |" + (" --- |" if probe else "")]
+    for r in results:
+        row = f"| {r.model} ({r.split}) | {100 * r.forward:.1f} | {100 * r.reversal:.1f} | {100 * r.multiturn:.1f} | {r.n_pairs} |"
+        if probe:
+            row += (f" {100 * r.infill_forward:.1f} / {100 * r.infill_reversal:.1f} |" if r.infill_forward is not None
+                    else " — |")
+        rows.append(row)
     return "\n".join(rows)
 
 
@@ -265,6 +309,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="MDM gen length = block length = steps; ARM max new tokens (default: the model's "
                         f"training answer_slots from {TRAINING_META}, else {GEN_LENGTH})")
     p.add_argument("--no-multiturn", action="store_true", help="skip the follow-up questions")
+    p.add_argument("--infill", action="store_true",
+                   help="also probe what a masked-diffusion model knows outside the chat: infill each line "
+                        "next to its neighbour as in pre-training, its length given")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     args = parser.parse_args(argv)
@@ -281,7 +328,7 @@ def main(argv: list[str] | None = None) -> None:
         kind = "ARM" if loaded.model.config.causal else "MDM"
         results.append(evaluate(loaded.model, loaded.tokenizer, loaded.ids, corpus, args.split, args.limit,
                                 name=f"{loaded.name} [{kind}]", gen_length=gen_length,
-                                multiturn=not args.no_multiturn))
+                                multiturn=not args.no_multiturn, infill=args.infill))
     if args.json:
         json.dump([asdict(r) for r in results], sys.stdout, indent=2)
         print()
