@@ -282,7 +282,8 @@ def format_table(results: list[EvalResult]) -> str:
     rows = ["| Model | Forward | Reversal | Multi-turn | Pairs |" + (" Infill fwd / rev |" if probe else ""),
             "| --- | --- | --- | --- | --- |" + (" --- |" if probe else "")]
     for r in results:
-        row = f"| {r.model} ({r.split}) | {100 * r.forward:.1f} | {100 * r.reversal:.1f} | {100 * r.multiturn:.1f} | {r.n_pairs} |"
+        multiturn = f"{100 * r.multiturn:.1f}" if r.n_followups else "—"  # not asked (--no-multiturn)
+        row = f"| {r.model} ({r.split}) | {100 * r.forward:.1f} | {100 * r.reversal:.1f} | {multiturn} | {r.n_pairs} |"
         if probe:
             row += (f" {100 * r.infill_forward:.1f} / {100 * r.infill_reversal:.1f} |" if r.infill_forward is not None
                     else " — |")

@@ -450,7 +450,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
                     accelerator.print(f"step {step}/{cfg.total_steps} {kind} loss {mean_loss:.4f} "
                                       f"lr {lr_at(step - 1, cfg):.2e} {tps:,.0f} tok/s", flush=True)
             window_tokens, window_start, window_loss, window_count = 0, now, {}, {}
-        if cfg.eval_every and step % cfg.eval_every == 0 and accelerator.is_main_process:
+        at_eval = cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.total_steps)  # the last step too
+        if at_eval and accelerator.is_main_process:
             history["eval"].append(dict(step=step, tokens=tokens, **_quick_eval(
                 accelerator.unwrap_model(model), tokenizer, all_sonnets, cfg)))
             e = history["eval"][-1]

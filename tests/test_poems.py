@@ -123,7 +123,7 @@ def test_infill_probe_reads_what_the_bundled_mdm_knows():
     assert infill_accuracy(mdm.model, mdm.tokenizer, mdm.ids, shuffled)[0] < fwd
     arm = load_model(BUNDLED_MODELS / "sonnets-arm", device="cpu")
     r = evaluate(arm.model, arm.tokenizer, arm.ids, corpus, "heldout", limit=2, multiturn=False, infill=True)
-    assert r.infill_forward is None
+    assert r.infill_forward is None and "| — | 2 |" in format_table([r])  # no follow-ups were asked
     probed = dataclasses.replace(r, model="mdm", infill_forward=fwd, infill_reversal=rev)
     table = format_table([probed, r])
     assert "Infill fwd / rev" in table and f"{100 * fwd:.1f} / {100 * rev:.1f} |" in table and table.endswith("| — |")

@@ -249,3 +249,11 @@ def test_bundled_checkpoints_load_and_chat(name, causal):
 def test_bundled_checkpoints_fit_the_size_budget():
     total = sum(f.stat().st_size for name in ("sonnets-mdm", "sonnets-arm") for f in (MODELS / name).iterdir())
     assert total <= 25 * 2**20
+
+
+def test_periodic_eval_also_scores_the_last_step(tmp_path):
+    """The accuracy-vs-tokens curve ends at the final model, even when eval_every does not divide the run."""
+    train(_micro(tmp_path, pretrain_steps=6, sft_steps=4, eval_every=7, eval_limit=2, save_every=0))
+    history = json.loads((tmp_path / "metrics.json").read_text())
+    assert [e["step"] for e in history["eval"]] == [7, 10]
+    assert all(0 <= e["forward"] <= 1 and 0 <= e["train_reversal"] <= 1 for e in history["eval"])
