@@ -5,6 +5,7 @@ Each browser session (and each `gradio_client.Client`) has its own conversation 
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import traceback
 from dataclasses import dataclass
@@ -82,6 +83,15 @@ def _user_error(e: Exception) -> gr.Error:
         return gr.Error(str(e))
     log.error("request failed:\n%s", traceback.format_exc())
     return gr.Error(f"Internal error ({type(e).__name__}): {e}. The server is still running.")
+
+
+@contextlib.contextmanager
+def _errors_to_page():
+    """A failure inside the block reaches the page as `_user_error`'s message; the server carries on."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001
+        raise _user_error(e) from None
 
 
 def model_summary(studio: Studio) -> str:
@@ -238,7 +248,7 @@ def build_app(studio: Studio, *, concurrency_limit: int | None = None) -> gr.Blo
                 def poem(line, direction, gen_length, steps, animate, pace_ms):
                     settings = ChatSettings(gen_length=gen_length, steps=steps, block_length=gen_length,
                                             animate=animate, pace_ms=pace_ms)
-                    try:
+                    with _errors_to_page():
                         for pf in studio.stream_poem(line, direction, settings):
                             mdm = pf.mdm.html + f'<div class="ld-stats">{pf.mdm.stats}</div>'
                             arm = (pf.arm.html + f'<div class="ld-stats">{pf.arm.stats}</div>' if pf.arm
@@ -246,8 +256,6 @@ def build_app(studio: Studio, *, concurrency_limit: int | None = None) -> gr.Blo
                             done = pf.mdm.done and (pf.arm is None or pf.arm.done)
                             result = studio.poem_result(pf) if done else None
                             yield mdm, arm, _expected_markdown(result), result
-                    except Exception as e:  # noqa: BLE001
-                        raise _user_error(e) from None
 
                 gr.on([run_poem.click, line_box.submit], poem,
                       [line_box, direction, poem_length, poem_steps, poem_animate, poem_pace],
@@ -260,10 +268,8 @@ def build_app(studio: Studio, *, concurrency_limit: int | None = None) -> gr.Blo
                     eval_plot = gr.Plot(label="Forward vs reversal")
 
                 def evaluate(progress=gr.Progress()):
-                    try:
+                    with _errors_to_page():
                         rows = studio.evaluate(progress=lambda frac, desc: progress(frac, desc=desc))
-                    except Exception as e:  # noqa: BLE001
-                        raise _user_error(e) from None
                     return _table(rows), _bar_chart(rows)
 
                 run_eval.click(evaluate, None, [eval_table, eval_plot], api_name="evaluate",
@@ -284,17 +290,13 @@ def build_app(studio: Studio, *, concurrency_limit: int | None = None) -> gr.Blo
                     parity = gr.JSON(label="Parity report")
 
                 def export(progress=gr.Progress()):
-                    try:
+                    with _errors_to_page():
                         report = studio.export_onnx(progress=lambda frac, desc: progress(frac, desc=desc))
-                    except Exception as e:  # noqa: BLE001
-                        raise _user_error(e) from None
                     return _export_markdown(report), report
 
                 def use_backend(name):
-                    try:
+                    with _errors_to_page():
                         studio.use_backend(name)
-                    except Exception as e:  # noqa: BLE001
-                        raise _user_error(e) from None
                     return (f"Back end is now **{name}** for new requests; running ones finish where they "
                             "started.", model_markdown(studio), model_summary(studio))
 
