@@ -55,3 +55,11 @@ def tiny_model_dir(tmp_path_factory, tiny_model, tiny_tokenizer):
     tiny_model.save_pretrained(out, max_shard_size="60KB")
     tiny_tokenizer.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="module")
+def app_models(tmp_path_factory, tiny_tokenizer):
+    """(MDM dir, ARM dir, bundled?) for the app tests: the bundled checkpoints, else tiny random ones."""
+    from ui_support import app_model_dirs
+
+    return app_model_dirs(tmp_path_factory, tiny_tokenizer, tiny_config)

@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_config
-from ui_support import app_model_dirs, free_port
+from ui_support import free_port
 
 from llada_app.studio import build_studio
 
@@ -33,14 +32,9 @@ pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM),
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory, tiny_tokenizer):
-    return app_model_dirs(tmp_path_factory, tiny_tokenizer, tiny_config)
-
-
-@pytest.fixture(scope="module")
-def app(models, tmp_path_factory):
+def app(app_models, tmp_path_factory):
     """`python app.py` on a free port; yields (url, seconds to the served page, seconds to a first answer)."""
-    mdm, arm, _ = models
+    mdm, arm, _ = app_models
     port = free_port()
     log = tmp_path_factory.mktemp("app") / "app.log"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -79,11 +73,11 @@ def _wait_for_page(url: str, proc: subprocess.Popen, log: Path, timeout: float) 
     pytest.fail(f"no page at {url} after {timeout} s:\n{log.read_text()[-3000:]}")
 
 
-def test_browser_chat_shows_the_live_answer(app, models, tmp_path):
+def test_browser_chat_shows_the_live_answer(app, app_models, tmp_path):
     from playwright.sync_api import sync_playwright
 
     url, page_s, answer_s = app
-    mdm, arm, bundled = models
+    mdm, arm, bundled = app_models
     question = 'What is the next line after "From fairest creatures we desire increase,"?'
     # The answer the app must show: same model, same default settings, greedy, computed here.
     threads = torch.get_num_threads()
@@ -134,13 +128,13 @@ def test_browser_chat_shows_the_live_answer(app, models, tmp_path):
         assert page_s <= STARTUP_TARGET_S, figures
 
 
-def test_browser_stop_ends_the_answer_between_steps(app, models):
+def test_browser_stop_ends_the_answer_between_steps(app, app_models):
     from playwright.sync_api import sync_playwright
 
     from llada_app.loading import load_model
 
     url = app[0]
-    context = load_model(models[0], device="cpu").model.config.max_sequence_length
+    context = load_model(app_models[0], device="cpu").model.config.max_sequence_length
     length = min(512, 32 * ((context - 64) // 32))  # a long answer: many steps to stop in the middle
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)

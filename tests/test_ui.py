@@ -10,10 +10,9 @@ import time
 
 import pytest
 import torch
-from conftest import tiny_config
 from gradio_client import Client
 from gradio_client.exceptions import AppError
-from ui_support import app_model_dirs, free_port, mask_count, message_text, strip_tags
+from ui_support import free_port, mask_count, message_text, strip_tags
 
 from llada_app import poems
 from llada_app.studio import DECODING_MODES, MASK_GLYPH, ChatSettings, Stopped, build_studio, render_canvas
@@ -25,13 +24,8 @@ FAST = dict(gen_length=32, steps=32, block_length=32, pace_ms=0)
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory, tiny_tokenizer):
-    return app_model_dirs(tmp_path_factory, tiny_tokenizer, tiny_config)
-
-
-@pytest.fixture(scope="module")
-def studio(models, tmp_path_factory):
-    mdm, arm, _ = models
+def studio(app_models, tmp_path_factory):
+    mdm, arm, _ = app_models
     threads = torch.get_num_threads()
     # frame_interval_s=0: every step reaches the client, so the stream can be checked step by step.
     yield build_studio(mdm, arm, device="cpu", threads=0, progress=lambda msg: None, frame_interval_s=0.0,
@@ -89,7 +83,7 @@ def test_canvas_marks_masks_new_tokens_and_escapes(studio):
 
 # ---------------------------------------------------------------------------------- chat
 
-def test_two_turn_chat_puts_the_first_turn_in_the_prompt(server, studio, models, prompts):
+def test_two_turn_chat_puts_the_first_turn_in_the_prompt(server, studio, app_models, prompts):
     client = Client(server, verbose=False)
     sonnet = studio.corpus.split("train")[0]
     q1 = poems.question(sonnet.lines[0], "next")
@@ -107,7 +101,7 @@ def test_two_turn_chat_puts_the_first_turn_in_the_prompt(server, studio, models,
     second = prompts[-1]
     assert q1 in second and f"assistant<|end_header_id|>\n\n{a1}<|eot_id|>" in second
     assert second.endswith(f"{q2}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
-    if models[2]:  # the bundled model's follow-up answer depends on the first turn
+    if app_models[2]:  # the bundled model's follow-up answer depends on the first turn
         alone, _ = chat(Client(server, verbose=False), q2)  # a new session: the follow-up on its own
         assert message_text(alone[-1]) != message_text(history[3])
 
@@ -317,7 +311,7 @@ def test_switching_to_onnx_before_export_is_refused(server):
         Client(server, verbose=False).predict("onnx", api_name="/backend")
 
 
-def test_export_then_switch_backend_without_breaking_a_running_request(server, studio, models):
+def test_export_then_switch_backend_without_breaking_a_running_request(server, studio, app_models):
     """Export (with parity) through the API, switch to ONNX while a chat is running, and back."""
     client = Client(server, verbose=False)
     status, report = client.predict(api_name="/export")
@@ -338,7 +332,7 @@ def test_export_then_switch_backend_without_breaking_a_running_request(server, s
     torch_history, _ = chat(Client(server, verbose=False), "hello")
     assert message_text(onnx_history[-1]) == message_text(torch_history[-1])  # same greedy answer
     # `python app.py --backend onnx` reuses the cached export of the same weights.
-    mdm, arm, _ = models
+    mdm, arm, _ = app_models
     started = time.perf_counter()
     again = build_studio(mdm, None, backend="onnx", device="cpu", progress=lambda m: None,
                          onnx_cache=studio.onnx_cache)
