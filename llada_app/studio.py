@@ -321,16 +321,14 @@ class Studio:
 
     def _stream_mdm(self, prompt: list[int], settings: ChatSettings,
                     should_stop: Callable[[], bool] | None = None) -> Iterator[Frame]:
-        from .generation import sample_steps
+        from .generation import initial_sequence, sample_steps
 
         denoiser = self.current_denoiser()  # kept for the whole request, whatever the Export tab does
         config = self._generation_config(settings, denoiser, len(prompt))
         ids = self.mdm.ids
         prompt_ids = torch.tensor([prompt], dtype=torch.long, device=denoiser.device)  # [1, P]
         steps = sample_steps(denoiser, prompt_ids, None, config, mask_id=ids.mask, eos_id=ids.eos, eot_id=ids.eot)
-        canvas = [ids.mask] * config.gen_length  # what the sampler starts from: masks and forced words
-        for pos, tok in (config.constraints or {}).items():
-            canvas[pos] = tok
+        canvas = initial_sequence(prompt_ids, config, ids.mask)[0, len(prompt):].tolist()  # masks + forced words
         yield from self._frames(steps, self.mdm, denoiser.name, settings, canvas, should_stop)
 
     def _stream_arm(self, prompt: list[int], settings: ChatSettings) -> Iterator[Frame]:
