@@ -73,17 +73,18 @@ class GenerationConfig:
         if self.gen_length < 1 or self.block_length < 1:
             raise ValueError(f"gen_length ({self.gen_length}) and block_length ({self.block_length}) must be >= 1")
         if self.gen_length % self.block_length:
-            raise ValueError(f"gen_length {self.gen_length} is not divisible by block_length {self.block_length}")
+            raise ValueError(f"gen length {self.gen_length} is not divisible by block length {self.block_length}")
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.steps % self.num_blocks:
             raise ValueError(f"steps {self.steps} is not divisible by the number of blocks "
-                             f"{self.num_blocks} (= gen_length {self.gen_length} / block_length {self.block_length})")
+                             f"{self.num_blocks} (= gen length {self.gen_length} / block length {self.block_length})")
         if prompt_length < 1:
             raise ValueError("the prompt is empty")
         if prompt_length + self.gen_length > max_length:
-            raise ValueError(f"prompt ({prompt_length}) + gen_length ({self.gen_length}) = "
-                             f"{prompt_length + self.gen_length} tokens exceeds the model's context of {max_length}")
+            raise ValueError(f"the prompt ({prompt_length} tokens) + gen length ({self.gen_length}) = "
+                             f"{prompt_length + self.gen_length} tokens exceeds the model's context of {max_length} "
+                             "tokens: shorten the prompt (or clear the chat) or lower the gen length")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if self.cfg_scale < 0:
@@ -102,7 +103,8 @@ class GenerationConfig:
         if self.cache not in CACHE_MODES:
             raise ValueError(f"cache must be one of {CACHE_MODES}, got {self.cache!r}")
         if self.cache != "none" and not supports_cache:
-            raise ValueError(f"cache={self.cache!r} needs a denoiser with K/V cache support; this one has none")
+            raise ValueError(f"cache={self.cache!r} needs a back end with a K/V cache; this one has none "
+                             "(decode without a cache, or switch back to torch)")
         for pos, tok in (self.constraints or {}).items():
             if not 0 <= pos < self.gen_length:
                 raise ValueError(f"constraint position {pos} is outside the answer (0..{self.gen_length - 1})")

@@ -70,11 +70,11 @@ def which_sonnet_answer(number: int) -> str:
     return f"Sonnet {number}."
 
 
-_PUNCT = str.maketrans("", "", string.punctuation + "\u2018\u2019\u201c\u201d")
+_PUNCT = str.maketrans("", "", string.punctuation + "\u2018\u2019\u201c\u201d" + "，。！？、；：「」『』《》（）")
 
 
 def normalise(text: str) -> str:
-    """Case, whitespace and punctuation do not count in exact match."""
+    """Case, whitespace and punctuation (Chinese included) do not count in exact match."""
     return " ".join(text.lower().translate(_PUNCT).split())
 
 

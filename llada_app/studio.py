@@ -44,7 +44,6 @@ CHINESE_QUESTIONS = {"next": "{line}的下一句是什么？直接输出句子�
 CHINESE_COUPLETS = [("床前明月光", "疑是地上霜"), ("举头望明月", "低头思故乡"),  # Li Bai, 静夜思
                     ("白日依山尽", "黄河入海流"), ("欲穷千里目", "更上一层楼"),  # Wang Zhihuan, 登鹳雀楼
                     ("海内存知己", "天涯若比邻")]  # Wang Bo
-_CJK_PUNCT = "，。！？、；：「」『』《》（）"
 
 
 class RequestError(ValueError):
@@ -127,9 +126,16 @@ class Studio:
             return self.denoiser
 
     # ---- chat ----------------------------------------------------------------------------------
-    def chat_prompt(self, messages: list[dict]) -> list[int]:
-        """The whole conversation, earlier turns included, as prompt ids ending with the assistant header."""
-        return chat_prompt_ids(self.mdm.tokenizer, messages)
+    def chat_prompt(self, messages: list[dict], room: int) -> tuple[list[int], int]:
+        """The conversation as prompt ids ending with the assistant header, within `room` tokens: the
+        oldest exchanges (user + assistant) are left out until it fits -> (ids, exchanges left out).
+        The last message always stays; if it alone does not fit, the sampler's check says so."""
+        dropped = 0
+        while True:
+            ids = chat_prompt_ids(self.mdm.tokenizer, messages[2 * dropped:])
+            if len(ids) <= room or len(messages) - 2 * dropped <= 1:
+                return ids, dropped
+            dropped += 1
 
     def stream_chat(self, history: list[dict], message: str, settings: ChatSettings,
                     should_stop: Callable[[], bool] | None = None) -> Iterator[Frame]:
@@ -139,8 +145,11 @@ class Studio:
         if not message:
             raise RequestError("Type a message first: the prompt is empty.")
         messages = [*history, {"role": "user", "content": message}]
-        prompt = self.chat_prompt(messages)
-        yield from self._stream_mdm(prompt, settings, should_stop)
+        prompt, dropped = self.chat_prompt(messages, self.current_denoiser().max_length - int(settings.gen_length))
+        for frame in self._stream_mdm(prompt, settings, should_stop):
+            if dropped:
+                frame.stats += f" · {dropped} oldest exchange{'s' * (dropped > 1)} left out to fit the context"
+            yield frame
 
     # ---- reversal poem -------------------------------------------------------------------------
     def poem_question(self, line: str, direction: str) -> str:
@@ -179,7 +188,7 @@ class Studio:
         if direction not in DIRECTIONS:
             return None
         if _is_chinese(line):
-            key = _normalise(line)
+            key = poems.normalise(line)
             for first, second in CHINESE_COUPLETS:
                 if direction == "next" and key == first:
                     return second
@@ -221,7 +230,7 @@ class Studio:
         def correct(frame):
             if frame is None or pf.expected is None:
                 return None
-            return _normalise(frame.text) == _normalise(pf.expected)
+            return poems.normalise(frame.text) == poems.normalise(pf.expected)
 
         info = None if pf.expected is None or _is_chinese(pf.expected) else self.corpus.lookup(pf.expected)
         return dict(question=pf.question, expected=pf.expected,
@@ -290,32 +299,18 @@ class Studio:
             if int(value) != value or value < 1:
                 raise RequestError(f"{name.replace('_', ' ')} must be a whole number ≥ 1, not {value}")
         use_tau, cache = DECODING_MODES[settings.mode]
-        if cache != "none" and not denoiser.supports_cache:
-            raise RequestError(f"the {denoiser.name} back end has no K/V cache: choose vanilla or "
-                               "parallel threshold, or switch back to torch")
-        gen_length, block_length = int(settings.gen_length), int(settings.block_length)
-        if gen_length % block_length:
-            raise RequestError(f"gen length ({gen_length}) must be divisible by block length ({block_length})")
-        blocks = gen_length // block_length
-        if int(settings.steps) % blocks:
-            raise RequestError(f"steps ({int(settings.steps)}) must be divisible by the number of blocks "
-                               f"(gen length / block length = {blocks})")
-        if prompt_length + gen_length > denoiser.max_length:
-            raise RequestError(
-                f"the prompt is {prompt_length} tokens; with gen length {gen_length} that exceeds the model's "
-                f"context of {denoiser.max_length} tokens. Clear the chat or lower the gen length.")
         try:
             constraints = parse_constraints(settings.constraints or "", self.mdm.tokenizer) or None
         except ValueError as e:
             raise RequestError(f"word constraints: {e}") from None
         config = GenerationConfig(
-            gen_length=gen_length, block_length=block_length, steps=int(settings.steps),
+            gen_length=int(settings.gen_length), block_length=int(settings.block_length), steps=int(settings.steps),
             temperature=float(settings.temperature), cfg_scale=float(settings.cfg_scale),
             remasking=settings.remasking, threshold=float(settings.threshold) if use_tau else None,
             cache=cache, constraints=constraints, seed=settings.seed)
         try:
             config.validate(denoiser.max_length, prompt_length, supports_cache=denoiser.supports_cache)
-        except ValueError as e:  # anything the sampler refuses that the checks above missed
+        except ValueError as e:  # the sampler's own checks, in words (divisibility, context, cache, ...)
             raise RequestError(str(e)) from None
         return config
 
@@ -453,11 +448,6 @@ def render_canvas(tokenizer, answer: list[int], revealed: list[bool] | None, con
 
 def _escape(text: str) -> str:
     return html.escape(text).replace("\n", "<br>")
-
-
-def _normalise(text: str) -> str:
-    """The evaluation's normalisation (case, whitespace, punctuation), Chinese punctuation included."""
-    return poems.normalise(text.translate(str.maketrans("", "", _CJK_PUNCT)))
 
 
 def _is_chinese(text: str) -> bool:

@@ -305,11 +305,11 @@ def test_closing_the_stream_stops_the_work(sharp_model, prompts, ids):
 # -- errors ----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kw,match", [
-    (dict(gen_length=30, block_length=8), "not divisible by block_length"),
+    (dict(gen_length=30, block_length=8), "not divisible by block length"),
     (dict(gen_length=32, block_length=8, steps=6), "not divisible by the number of blocks"),
     (dict(steps=0), "steps must be >= 1"),
     (dict(gen_length=256, block_length=32, steps=256), "exceeds the model's context"),
-    (dict(cache="dual"), "needs a denoiser with K/V cache"),
+    (dict(cache="dual"), "needs a back end with a K/V cache"),
     (dict(cache="full"), "cache must be one of"),
     (dict(remasking="top"), "remasking must be one of"),
     (dict(threshold=0.9, factor=1.0), "give one, not both"),

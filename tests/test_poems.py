@@ -28,6 +28,7 @@ def test_question_phrasings():
 def test_normalise_ignores_case_space_and_punctuation():
     assert normalise("  That thereby Beauty's rose,  might never die! ") == normalise("that thereby beautys rose might never die")
     assert normalise("a b") != normalise("a c")
+    assert normalise("床前明月光，") == normalise("床前明月光") != normalise("疑是地上霜")
 
 
 def test_corpus_lookup_and_held_out_flag():

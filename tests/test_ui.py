@@ -16,7 +16,7 @@ from ui_support import free_port, mask_count, message_text, strip_tags
 
 from llada_app import poems
 from llada_app.studio import DECODING_MODES, MASK_GLYPH, ChatSettings, Stopped, build_studio, render_canvas
-from llada_app.tokenization import decode_answer
+from llada_app.tokenization import chat_prompt_ids, decode_answer
 from llada_app.ui import build_app, launch
 
 # Small canvases keep the suite fast; one block, so every step is a visible reveal.
@@ -48,10 +48,10 @@ def prompts(studio, monkeypatch):
     seen: list[str] = []
     build = studio.chat_prompt
 
-    def spy(messages):
-        ids = build(messages)
+    def spy(messages, room):
+        ids, dropped = build(messages, room)
         seen.append(studio.mdm.tokenizer.decode(ids))
-        return ids
+        return ids, dropped
 
     monkeypatch.setattr(studio, "chat_prompt", spy)
     return seen
@@ -143,6 +143,23 @@ def test_invalid_settings_come_back_as_readable_errors(server, studio):
     # The server is fine and the failed requests left no trace in this session's conversation.
     history, _ = chat(client, "hello")
     assert [m["role"] for m in history] == ["user", "assistant"]
+
+
+def test_a_long_chat_leaves_out_its_oldest_exchanges(studio):
+    filler = "Shall I compare thee to a summer's day? " * 6
+    history = []
+    for k in range(12):
+        history += [{"role": "user", "content": f"{k}: {filler}"}, {"role": "assistant", "content": filler}]
+    messages = [*history, {"role": "user", "content": "And now?"}]
+    room = studio.mdm.model.config.max_sequence_length - FAST["gen_length"]
+    tok = studio.mdm.tokenizer
+    assert len(chat_prompt_ids(tok, messages)) > room
+    ids, dropped = studio.chat_prompt(messages, room)
+    assert 0 < dropped < 12 and len(ids) <= room  # the fewest exchanges left out, the newest kept
+    assert len(chat_prompt_ids(tok, messages[2 * (dropped - 1):])) > room
+    assert ids == chat_prompt_ids(tok, messages[2 * dropped:])
+    frames = list(studio.stream_chat(history, "And now?", ChatSettings(**FAST)))
+    assert frames[-1].done and f"{dropped} oldest exchanges left out" in frames[-1].stats
 
 
 def test_word_constraints_are_forced_and_bad_ones_refused(server):
