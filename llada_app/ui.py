@@ -223,7 +223,8 @@ def build_app(studio: Studio, *, concurrency_limit: int | None = None) -> gr.Blo
                 with gr.Row():
                     line_box = gr.Textbox(label="A line of a poem", scale=4, elem_id="poem-line")
                     direction = gr.Radio(list(DIRECTIONS), value="next", label="Direction", scale=1)
-                    run_poem = gr.Button("Ask both models", variant="primary", scale=1)
+                    run_poem = gr.Button("Ask both models", variant="primary", scale=1, elem_id="poem-ask")
+                    stop_poem = gr.Button("Stop", variant="stop", scale=0, min_width=70, elem_id="poem-stop")
                 with gr.Row():
                     with gr.Column():
                         gr.Markdown("**Masked diffusion (LLaDA)**")
@@ -232,7 +233,7 @@ def build_app(studio: Studio, *, concurrency_limit: int | None = None) -> gr.Blo
                         gr.Markdown("**Autoregressive twin**")
                         arm_view = gr.HTML(label="arm", elem_id="poem-arm", min_height=90,
                                            value="" if studio.arm else f"<i>{studio.arm_note}</i>")
-                expected_md = gr.Markdown(label="verdict")
+                expected_md = gr.Markdown(label="verdict", elem_id="poem-verdict")
                 with gr.Accordion("Poem settings and raw result", open=False):
                     with gr.Row():
                         poem_gen = studio.answer_slots or poems.GEN_LENGTH
@@ -240,7 +241,7 @@ def build_app(studio: Studio, *, concurrency_limit: int | None = None) -> gr.Blo
                         poem_steps = gr.Slider(1, 128, value=poem_gen, step=1, label="Steps")
                         poem_animate = gr.Checkbox(value=True, label="Animate")
                         poem_pace = gr.Slider(0, 200, value=PACE_MS / 2, step=5,
-                                              label="Pace (ms per step, each model)")
+                                              label="Pace (ms per step, each model)", elem_id="poem-pace")
                     poem_result = gr.JSON(label="Result")
                 rows, labels = poem_examples(studio)
                 gr.Examples(rows, inputs=[line_box, direction], example_labels=labels)
@@ -257,10 +258,13 @@ def build_app(studio: Studio, *, concurrency_limit: int | None = None) -> gr.Blo
                             result = studio.poem_result(pf) if done else None
                             yield mdm, arm, _expected_markdown(result), result
 
-                gr.on([run_poem.click, line_box.submit], poem,
-                      [line_box, direction, poem_length, poem_steps, poem_animate, poem_pace],
-                      [mdm_view, arm_view, expected_md, poem_result], api_name="poem",
-                      show_progress="hidden", **model_limit)
+                asked = gr.on([run_poem.click, line_box.submit], poem,
+                              [line_box, direction, poem_length, poem_steps, poem_animate, poem_pace],
+                              [mdm_view, arm_view, expected_md, poem_result], api_name="poem",
+                              show_progress="hidden", **model_limit)
+                # Stop cancels this session's running question; the canvases keep the step they reached.
+                stop_poem.click(lambda: "**Stopped**: the answers above are unfinished.", None, expected_md,
+                                cancels=[asked], queue=False, api_visibility="private")
 
                 with gr.Accordion("Held-out evaluation (forward vs reversal, MDM vs ARM)", open=False):
                     run_eval = gr.Button("Run the held-out evaluation")

@@ -158,3 +158,33 @@ def test_browser_stop_ends_the_answer_between_steps(app, app_models):
         finally:
             browser.close()
     assert 1 <= step < length
+
+
+def test_browser_poem_stop_leaves_the_unfinished_answers(app):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(app[0])
+            page.click("button[role=tab]:has-text('Reversal poem')")
+            page.click("text=Poem settings and raw result")
+            page.fill("#poem-pace input[type=number]", "200")  # 200 ms per step and model: a slow answer
+            page.press("#poem-pace input[type=number]", "Enter")
+            page.fill("#poem-line textarea", "From fairest creatures we desire increase,")
+            page.click("#poem-ask")
+            page.wait_for_selector("#poem-mdm .ld-new", timeout=30_000)
+            page.click("#poem-stop")
+            page.wait_for_selector("#poem-verdict :text('Stopped')", timeout=10_000)
+            masks = page.inner_text("#poem-mdm").count("\u2591")
+            page.wait_for_timeout(1500)  # nothing moves once stopped
+            assert masks > 0 and page.inner_text("#poem-mdm").count("\u2591") == masks
+            assert "Stopped" in page.inner_text("#poem-verdict")
+            page.fill("#poem-pace input[type=number]", "0")  # the tab still answers after a stop
+            page.press("#poem-pace input[type=number]", "Enter")
+            page.click("#poem-ask")
+            page.wait_for_selector("#poem-verdict :text('Expected')", timeout=60_000)
+            assert "\u2591" not in page.inner_text("#poem-mdm")
+        finally:
+            browser.close()
