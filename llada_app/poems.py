@@ -174,13 +174,20 @@ def _pairs(sonnets: list[Sonnet], limit: int | None) -> list[tuple[str, str]]:
 class ChatAnswerer:
     """Answers batches of chat conversations greedily with the shared samplers (MDM or ARM)."""
 
-    def __init__(self, model, tokenizer, ids, gen_length: int = GEN_LENGTH, batch_size: int = 64):
+    def __init__(self, model, tokenizer, ids, gen_length: int = GEN_LENGTH, batch_size: int = 64,
+                 block_length: int | None = None):
         from .backends import TorchDenoiser
+        from .generation import GenerationConfig
 
         self.model, self.tokenizer, self.ids = model, tokenizer, ids
         self.denoiser = TorchDenoiser(model)
         self.causal = bool(getattr(model.config, "causal", False))
         self.gen_length, self.batch_size = gen_length, batch_size
+        # MDM: one token per step, in one block (the paper's setting) unless `block_length` is given
+        self.config = GenerationConfig(gen_length=gen_length, block_length=block_length or gen_length,
+                                       steps=gen_length, temperature=0.0)
+        if not self.causal:
+            self.config.validate(self.denoiser.max_length, 1)
 
     def __call__(self, conversations: list[list[dict]]) -> list[str]:
         out = []
@@ -189,7 +196,7 @@ class ChatAnswerer:
         return out
 
     def _batch(self, conversations: list[list[dict]]) -> list[str]:
-        from .generation import GenerationConfig, generate, generate_arm, pad_prompts
+        from .generation import generate, generate_arm, pad_prompts
         from .tokenization import chat_prompt_ids, decode_answer
 
         prompts = [chat_prompt_ids(self.tokenizer, c) for c in conversations]
@@ -198,9 +205,7 @@ class ChatAnswerer:
             seq = generate_arm(self.denoiser, ids, attn, max_new_tokens=self.gen_length,
                                stop_ids=[self.ids.eot, self.ids.eos])
         else:
-            G = self.gen_length
-            config = GenerationConfig(gen_length=G, block_length=G, steps=G, temperature=0.0)
-            seq = generate(self.denoiser, ids, attn, config, mask_id=self.ids.mask, eos_id=self.ids.eos,
+            seq = generate(self.denoiser, ids, attn, self.config, mask_id=self.ids.mask, eos_id=self.ids.eos,
                            eot_id=self.ids.eot)
         return [decode_answer(self.tokenizer, row, self.ids) for row in seq[:, ids.shape[1]:].tolist()]
 
@@ -240,10 +245,10 @@ def infill_accuracy(model, tokenizer, ids, pairs: list[tuple[str, str]]) -> tupl
 
 def evaluate(model, tokenizer, ids, corpus: PoemCorpus, split: str = "heldout", limit: int | None = None,
              name: str = "model", gen_length: int = GEN_LENGTH, multiturn: bool = True,
-             infill: bool = False) -> EvalResult:
+             infill: bool = False, block_length: int | None = None) -> EvalResult:
     """Forward / reversal / follow-up exact match on the adjacent line pairs of `split`'s sonnets;
     with `infill`, a masked-diffusion model also gets the knowledge probe (`infill_accuracy`)."""
-    answer = ChatAnswerer(model, tokenizer, ids, gen_length)
+    answer = ChatAnswerer(model, tokenizer, ids, gen_length, block_length=block_length)
     pairs = _pairs(corpus.split(split), limit)
     fwd_q = [[{"role": "user", "content": question(a, "next")}] for a, _ in pairs]
     rev_q = [[{"role": "user", "content": question(b, "previous")}] for _, b in pairs]
@@ -309,6 +314,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--gen-length", type=int, default=None,
                    help="MDM gen length = block length = steps; ARM max new tokens (default: the model's "
                         f"training answer_slots from {TRAINING_META}, else {GEN_LENGTH})")
+    p.add_argument("--block-length", type=int, default=None,
+                   help="MDM semi-autoregressive block length, still one token per step (default: the gen "
+                        "length, one block, as in the paper)")
     p.add_argument("--no-multiturn", action="store_true", help="skip the follow-up questions")
     p.add_argument("--infill", action="store_true",
                    help="also probe what a masked-diffusion model knows outside the chat: infill each line "
@@ -327,9 +335,13 @@ def main(argv: list[str] | None = None) -> None:
         corpus = PoemCorpus.for_model(model_dir)
         gen_length = args.gen_length or _training_answer_slots(model_dir) or GEN_LENGTH
         kind = "ARM" if loaded.model.config.causal else "MDM"
-        results.append(evaluate(loaded.model, loaded.tokenizer, loaded.ids, corpus, args.split, args.limit,
-                                name=f"{loaded.name} [{kind}]", gen_length=gen_length,
-                                multiturn=not args.no_multiturn, infill=args.infill))
+        try:
+            results.append(evaluate(loaded.model, loaded.tokenizer, loaded.ids, corpus, args.split, args.limit,
+                                    name=f"{loaded.name} [{kind}]", gen_length=gen_length,
+                                    multiturn=not args.no_multiturn, infill=args.infill,
+                                    block_length=args.block_length))
+        except ValueError as e:  # decoding settings the sampler refuses
+            parser.error(str(e))
     if args.json:
         json.dump([asdict(r) for r in results], sys.stdout, indent=2)
         print()

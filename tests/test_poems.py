@@ -96,6 +96,24 @@ def test_chat_answerer_runs_both_decoders(tiny_model, tiny_tokenizer):
     assert mdm[0] == mdm[1]  # greedy decoding of the same prompt
 
 
+def test_chat_answerer_semi_autoregressive_blocks(tiny_model, tiny_tokenizer, capsys):
+    from llada_app.loading import special_ids
+    from llada_app.poems import main
+
+    ids = special_ids(tiny_tokenizer, tiny_model.config)
+    conv = [[{"role": "user", "content": question("From fairest creatures we desire increase,", "next")}]]
+    one = ChatAnswerer(tiny_model, tiny_tokenizer, ids, gen_length=8)
+    blocks = ChatAnswerer(tiny_model, tiny_tokenizer, ids, gen_length=8, block_length=4)
+    assert (one.config.num_blocks, blocks.config.num_blocks, blocks.config.steps) == (1, 2, 8)
+    assert isinstance(blocks(conv)[0], str)
+    with pytest.raises(ValueError, match="not divisible by block length"):
+        ChatAnswerer(tiny_model, tiny_tokenizer, ids, gen_length=8, block_length=3)
+    with pytest.raises(SystemExit):
+        main(["eval", "--model", str(ROOT / "assets/models/sonnets-mdm"), "--block-length", "5", "--limit", "1",
+              "--device", "cpu"])
+    assert "not divisible by block length 5" in capsys.readouterr().err
+
+
 def test_eval_cli_on_a_micro_model(tmp_path):
     from llada_app.train import parse_args, train
 
