@@ -330,6 +330,9 @@ def plot_loss(history: dict, path: Path) -> None:
         x = [e["tokens"] for e in history["eval"]]
         ax2.plot(x, [e["forward"] for e in history["eval"]], "g-o", ms=3, label="held-out forward")
         ax2.plot(x, [e["reversal"] for e in history["eval"]], "r-o", ms=3, label="held-out reversal")
+        if history["eval"][-1].get("infill_forward") is not None:
+            ax2.plot(x, [e["infill_forward"] for e in history["eval"]], "g:", label="held-out infill forward")
+            ax2.plot(x, [e["infill_reversal"] for e in history["eval"]], "r:", label="held-out infill reversal")
         ax2.set_ylim(0, 1)
         ax2.set_ylabel("exact match")
         ax2.legend(loc="upper right")
@@ -455,8 +458,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
             history["eval"].append(dict(step=step, tokens=tokens, **_quick_eval(
                 accelerator.unwrap_model(model), tokenizer, all_sonnets, cfg)))
             e = history["eval"][-1]
+            probe = ("" if e["infill_forward"] is None else
+                     f"; infill forward {e['infill_forward']:.2f} reversal {e['infill_reversal']:.2f}")
             bar.write(f"step {step}: held-out forward {e['forward']:.2f} reversal {e['reversal']:.2f} "
-                      f"(train forward {e['train_forward']:.2f} reversal {e['train_reversal']:.2f})")
+                      f"(train forward {e['train_forward']:.2f} reversal {e['train_reversal']:.2f}){probe}")
             model.train()
         if cfg.save_every and step % cfg.save_every == 0 and step < cfg.total_steps:
             save_checkpoint(accelerator, out, step, history, tokens, elapsed0 + time.perf_counter() - run_start)
@@ -481,14 +486,17 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
 
 
 def _quick_eval(model, tokenizer, sonnets, cfg: TrainConfig) -> dict:
-    """Held-out and train-split exact match on a few line pairs (the accuracy-vs-tokens curve)."""
+    """Held-out and train-split exact match on a few line pairs, and the MDM's held-out infill probe
+    (the accuracy-vs-tokens curves)."""
     model.eval()
     corpus = PoemCorpus(sonnets, cfg.n_sonnets)
     ids = special_ids(tokenizer, model.config)
-    held = evaluate(model, tokenizer, ids, corpus, "heldout", cfg.eval_limit, multiturn=False)
+    held = evaluate(model, tokenizer, ids, corpus, "heldout", cfg.eval_limit, multiturn=False, infill=True)
     train = evaluate(model, tokenizer, ids, corpus, "train", cfg.eval_limit, multiturn=False)
+    # infill_*: the MDM's knowledge probe on the held-out pairs (None for the ARM), see poems.infill_accuracy
     return dict(forward=held.forward, reversal=held.reversal, train_forward=train.forward,
-                train_reversal=train.reversal)
+                train_reversal=train.reversal, infill_forward=held.infill_forward,
+                infill_reversal=held.infill_reversal)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -257,3 +257,4 @@ def test_periodic_eval_also_scores_the_last_step(tmp_path):
     history = json.loads((tmp_path / "metrics.json").read_text())
     assert [e["step"] for e in history["eval"]] == [7, 10]
     assert all(0 <= e["forward"] <= 1 and 0 <= e["train_reversal"] <= 1 for e in history["eval"])
+    assert all(0 <= e["infill_forward"] <= 1 and 0 <= e["infill_reversal"] <= 1 for e in history["eval"])  # MDM probe
