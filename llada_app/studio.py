@@ -197,15 +197,17 @@ class Studio:
             return None
         return self.corpus.expected(line, direction)
 
-    def stream_poem(self, line: str, direction: str, settings: ChatSettings) -> Iterator[PoemFrame]:
-        """The MDM and the ARM answer the same question side by side, their steps interleaved."""
+    def stream_poem(self, line: str, direction: str, settings: ChatSettings,
+                    should_stop: Callable[[], bool] | None = None) -> Iterator[PoemFrame]:
+        """The MDM and the ARM answer the same question side by side, their steps interleaved.
+        `should_stop` is asked between steps; when it says yes the stream raises `Stopped`."""
         question = self.poem_question(line, direction)
         expected = self.expected_line(line, direction)
         messages = [{"role": "user", "content": question}]
-        mdm = self._stream_mdm(chat_prompt_ids(self.mdm.tokenizer, messages), settings)
+        mdm = self._stream_mdm(chat_prompt_ids(self.mdm.tokenizer, messages), settings, should_stop)
         arm = None
         if self.arm is not None:
-            arm = self._stream_arm(chat_prompt_ids(self.arm.tokenizer, messages), settings)
+            arm = self._stream_arm(chat_prompt_ids(self.arm.tokenizer, messages), settings, should_stop)
         last = {"mdm": None, "arm": None}
         running = {"mdm": mdm, "arm": arm}
         try:
@@ -326,7 +328,8 @@ class Studio:
         canvas = initial_sequence(prompt_ids, config, ids.mask)[0, len(prompt):].tolist()  # masks + forced words
         yield from self._frames(steps, self.mdm, denoiser.name, settings, canvas, should_stop)
 
-    def _stream_arm(self, prompt: list[int], settings: ChatSettings) -> Iterator[Frame]:
+    def _stream_arm(self, prompt: list[int], settings: ChatSettings,
+                    should_stop: Callable[[], bool] | None = None) -> Iterator[Frame]:
         from .generation import arm_steps
 
         den = self._arm_denoiser
@@ -337,7 +340,7 @@ class Studio:
         prompt_ids = torch.tensor([prompt], dtype=torch.long, device=den.device)  # [1, P]
         ids = self.arm.ids
         steps = arm_steps(den, prompt_ids, None, max_new_tokens=max_new, stop_ids=sorted({ids.eos, ids.eot}))
-        yield from self._frames(steps, self.arm, "torch", settings, [])
+        yield from self._frames(steps, self.arm, "torch", settings, [], should_stop)
 
     def _frames(self, steps, model: LoadedModel, backend: str, settings: ChatSettings, canvas: list[int],
                 should_stop: Callable[[], bool] | None = None) -> Iterator[Frame]:

@@ -246,25 +246,32 @@ def build_app(studio: Studio, *, concurrency_limit: int | None = None) -> gr.Blo
                 rows, labels = poem_examples(studio)
                 gr.Examples(rows, inputs=[line_box, direction], example_labels=labels)
 
-                def poem(line, direction, gen_length, steps, animate, pace_ms):
+                poem_signal = gr.State(StopSignal())  # deep-copied: one per session
+
+                def poem(line, direction, signal, gen_length, steps, animate, pace_ms):
                     settings = ChatSettings(gen_length=gen_length, steps=steps, block_length=gen_length,
                                             animate=animate, pace_ms=pace_ms)
                     with _errors_to_page():
-                        for pf in studio.stream_poem(line, direction, settings):
-                            mdm = pf.mdm.html + f'<div class="ld-stats">{pf.mdm.stats}</div>'
-                            arm = (pf.arm.html + f'<div class="ld-stats">{pf.arm.stats}</div>' if pf.arm
-                                   else f"<i>{studio.arm_note}</i>")
-                            done = pf.mdm.done and (pf.arm is None or pf.arm.done)
-                            result = studio.poem_result(pf) if done else None
-                            yield mdm, arm, _expected_markdown(result), result
+                        try:
+                            for pf in studio.stream_poem(line, direction, settings,
+                                                         should_stop=lambda: signal.requested is not None):
+                                mdm = pf.mdm.html + f'<div class="ld-stats">{pf.mdm.stats}</div>'
+                                arm = (pf.arm.html + f'<div class="ld-stats">{pf.arm.stats}</div>' if pf.arm
+                                       else f"<i>{studio.arm_note}</i>")
+                                done = pf.mdm.done and (pf.arm is None or pf.arm.done)
+                                result = studio.poem_result(pf) if done else None
+                                yield mdm, arm, _expected_markdown(result), result
+                        except Stopped:  # the last word on the verdict; the canvases keep the step they reached
+                            yield gr.skip(), gr.skip(), "**Stopped**: the answers above are unfinished.", None
 
-                asked = gr.on([run_poem.click, line_box.submit], poem,
-                              [line_box, direction, poem_length, poem_steps, poem_animate, poem_pace],
-                              [mdm_view, arm_view, expected_md, poem_result], api_name="poem",
-                              show_progress="hidden", **model_limit)
-                # Stop cancels this session's running question; the canvases keep the step they reached.
-                stop_poem.click(lambda: "**Stopped**: the answers above are unfinished.", None, expected_md,
-                                cancels=[asked], queue=False, api_visibility="private")
+                # As in the chat: Ask re-arms the session's stop signal (outside the queue), then queues
+                # the question; Stop ends it between two steps.
+                gr.on([run_poem.click, line_box.submit], arm_signal, poem_signal, None, queue=False,
+                      api_visibility="private").then(
+                    poem, [line_box, direction, poem_signal, poem_length, poem_steps, poem_animate, poem_pace],
+                    [mdm_view, arm_view, expected_md, poem_result], api_name="poem",
+                    show_progress="hidden", **model_limit)
+                stop_poem.click(request("stop"), poem_signal, None, queue=False, api_visibility="private")
 
                 with gr.Accordion("Held-out evaluation (forward vs reversal, MDM vs ARM)", open=False):
                     run_eval = gr.Button("Run the held-out evaluation")

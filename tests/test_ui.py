@@ -275,6 +275,27 @@ def test_should_stop_ends_the_stream_between_steps_and_closes_the_sampler(studio
         studio.use_backend("torch")
 
 
+def test_should_stop_ends_the_poem_stream_and_closes_both_samplers(studio):
+    mdm = CountingDenoiser(studio.current_denoiser(), delay_s=0.0)
+    arm_original = studio._arm_denoiser
+    arm = CountingDenoiser(arm_original, delay_s=0.0)
+    arm.causal = True
+    studio.denoiser, studio._arm_denoiser = mdm, arm
+    try:
+        frames = []
+        with pytest.raises(Stopped, match="step 3"):
+            for pf in studio.stream_poem("From fairest creatures we desire increase,", "next", ChatSettings(**FAST),
+                                         should_stop=lambda: len(frames) >= 3):
+                frames.append(pf)
+        # Each poem frame advances the MDM, then the ARM, by one step (the first shows blank canvases).
+        # The MDM's third step saw the stop: no forward pass ran after it, and the ARM stopped at step 2.
+        assert mdm.calls == 3 and arm.calls == 2
+        assert not frames[-1].mdm.done and not frames[-1].arm.done
+    finally:
+        studio._arm_denoiser = arm_original
+        studio.use_backend("torch")
+
+
 @pytest.mark.parametrize("mode", list(DECODING_MODES))
 def test_every_decoding_mode_answers(server, mode):
     history, stats = chat(Client(server, verbose=False), "hello", mode=mode, threshold=0.5,
