@@ -109,6 +109,9 @@ class OnnxDenoiser:
             "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
             "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}[optimization]
         opts.intra_op_num_threads = threads or torch.get_num_threads()
+        # ORT's pool threads busy-wait after each run by default; on a CPU shared with torch (the ARM
+        # twin, or the other model in a benchmark) that spinning takes the cores torch needs next.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.log_severity_level = 3  # errors only; ORT's warnings about unused initialisers are noise
         if self.device.type == "cuda":
             if "CUDAExecutionProvider" not in ort.get_available_providers():

@@ -150,6 +150,14 @@ def test_cache_graph_matches_pytorch(tiny_onnx, tiny_loaded):
     assert got.past_key_values[0][0].shape == want.past_key_values[0][0].shape
 
 
+def test_session_threads_do_not_spin(tiny_onnx):
+    """ORT's pool threads must not busy-wait between runs: the sampler's own torch work (and the ARM
+    twin's) runs on the same cores right after each denoiser call."""
+    assert tiny_onnx.past_session is not None
+    for session in (tiny_onnx.session, tiny_onnx.past_session):
+        assert session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
 def test_bad_calls_are_refused(tiny_onnx, tiny_loaded):
     L = tiny_loaded.model.config.max_sequence_length
     with pytest.raises(ValueError, match="exceeds max_sequence_length"):
