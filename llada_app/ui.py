@@ -72,6 +72,10 @@ class StopSignal:
 
     requested: str | None = None  # "stop" or "clear"
 
+    def should_stop(self) -> bool:
+        """What the samplers ask between two steps."""
+        return self.requested is not None
+
 
 def theme():
     return gr.themes.Soft(font=_SANS, font_mono=_MONO)
@@ -174,7 +178,7 @@ def build_app(studio: Studio, *, concurrency_limit: int | None = None) -> gr.Blo
                                             mode, threshold, animate, pace_ms=pace_ms, constraints=constraints)
                     shown = [*history, {"role": "user", "content": (message or "").strip()}]
                     stream = studio.stream_chat(history, message, settings,
-                                                should_stop=lambda: signal.requested is not None)
+                                                should_stop=signal.should_stop)
                     try:
                         for frame in stream:
                             if frame.done:
@@ -254,7 +258,7 @@ def build_app(studio: Studio, *, concurrency_limit: int | None = None) -> gr.Blo
                     with _errors_to_page():
                         try:
                             for pf in studio.stream_poem(line, direction, settings,
-                                                         should_stop=lambda: signal.requested is not None):
+                                                         should_stop=signal.should_stop):
                                 mdm = pf.mdm.html + f'<div class="ld-stats">{pf.mdm.stats}</div>'
                                 arm = (pf.arm.html + f'<div class="ld-stats">{pf.arm.stats}</div>' if pf.arm
                                        else f"<i>{studio.arm_note}</i>")
