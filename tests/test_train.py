@@ -125,6 +125,20 @@ def test_cli_overrides_every_preset_value():
         parse_args(["--objective", "gpt"])
 
 
+def test_bundled_twins_share_size_data_and_token_budget():
+    """The MDM and its ARM twin: the same corpus, tokenizer and model shape, and (from the bundled
+    checkpoints' own metrics) the same number of training tokens within 1%."""
+    shared = ("n_sonnets", "vocab_size", "d_model", "n_heads", "n_kv_heads", "n_layers", "mlp_hidden_size",
+              "max_sequence_length", "seq_len", "answer_slots", "replay", "seed")
+    mdm, arm = (parse_args(["--preset", name])[0] for name in ("sonnets-mdm", "sonnets-arm"))
+    assert [getattr(mdm, k) for k in shared] == [getattr(arm, k) for k in shared]
+    assert (mdm.objective, arm.objective) == ("mdm", "arm")
+    tokens = lambda path: json.loads(path.read_text())["train"][-1]["tokens"]  # noqa: E731
+    mdm_tokens = tokens(MODELS / "sonnets-mdm" / "base_metrics.json") + tokens(MODELS / "sonnets-mdm" / "metrics.json")
+    arm_tokens = tokens(MODELS / "sonnets-arm" / "metrics.json")
+    assert abs(arm_tokens / mdm_tokens - 1) < 0.01, (arm_tokens, mdm_tokens)
+
+
 def _micro(tmp_path, **kw) -> TrainConfig:
     cfg, _ = parse_args(["--preset", "micro", "--output-dir", str(tmp_path), "--no-progress"])
     for k, v in kw.items():
@@ -164,6 +178,23 @@ def test_micro_pretraining_lowers_the_loss_and_writes_outputs(tmp_path, objectiv
     initial = build_model(cfg, loaded.tokenizer)
     before, after = _held_loss(initial, cfg, loaded.tokenizer), _held_loss(loaded.model, cfg, loaded.tokenizer)
     assert after < 0.85 * before, (before, after)
+
+
+def test_second_run_starts_from_the_first_and_keeps_its_curves(tmp_path):
+    """The bundled MDM's two runs: `--init-from` starts from the saved weights and tokenizer, and the
+    first run's metrics.json / loss.png travel with the model as base_*."""
+    from llada_app.loading import load_model
+
+    base = train(_micro(tmp_path / "base", pretrain_steps=10, sft_steps=5))
+    tuned = train(_micro(tmp_path / "tuned", stage="sft", pretrain_steps=0, sft_steps=3, init_from=str(base)))
+    assert (tuned / "base_metrics.json").read_text() == (base / "metrics.json").read_text()
+    assert (tuned / "base_loss.png").read_bytes() == (base / "loss.png").read_bytes()
+    assert json.loads((tuned / "metrics.json").read_text())["train"][-1]["step"] == 3
+    assert (tuned / "tokenizer.json").read_text() == (base / "tokenizer.json").read_text()
+    a, b = load_model(str(base), device="cpu").model, load_model(str(tuned), device="cpu").model
+    assert any(not torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    with pytest.raises(ValueError, match="causal"):
+        train(_micro(tmp_path / "arm", objective="arm", stage="sft", pretrain_steps=0, sft_steps=1, init_from=str(base)))
 
 
 def _run(args, **kw):
