@@ -481,10 +481,11 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         save_final(accelerator.unwrap_model(model), tokenizer, cfg, out)
         (out / "metrics.json").write_text(json.dumps(history, indent=1))
         plot_loss(history, out / "loss.png")
-        if cfg.init_from:  # the run this one started from: its curves travel with the model as base_*
+        base = Path(cfg.init_from) if cfg.init_from else None  # the run this one started from
+        if base and base.resolve() != out.resolve():  # its curves travel with the model as base_*
             for name in ("metrics.json", "loss.png"):
-                if (Path(cfg.init_from) / name).is_file() and Path(cfg.init_from).resolve() != out.resolve():
-                    shutil.copyfile(Path(cfg.init_from) / name, out / f"base_{name}")
+                if (base / name).is_file():
+                    shutil.copyfile(base / name, out / f"base_{name}")
         if not cfg.keep_checkpoints:
             shutil.rmtree(out / "checkpoints", ignore_errors=True)
     accelerator.wait_for_everyone()
