@@ -19,7 +19,7 @@ arguments.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -126,6 +126,20 @@ def parse_constraints(text: str, tokenizer) -> dict[int, int]:
         for i, tok in enumerate(toks):
             out[int(pos) + i] = tok
     return out
+
+
+def parse_lengths(text: str) -> range | None:
+    """ "MIN:MAX" -> the candidate answer lengths of a length search, MIN..MAX tokens; "" -> None (off)."""
+    text = (text or "").strip()
+    if not text:
+        return None
+    lo, sep, hi = text.partition(":")
+    if not sep or not lo.strip().isdigit() or not hi.strip().isdigit():
+        raise ValueError(f"answer lengths take MIN:MAX in tokens (e.g. 8:24), got {text!r}")
+    lo, hi = int(lo), int(hi)
+    if not 1 <= lo <= hi:
+        raise ValueError(f"answer lengths need 1 <= MIN <= MAX, got {text!r}")
+    return range(lo, hi + 1)
 
 
 def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -339,6 +353,76 @@ def generate(denoiser: Denoiser, prompt_ids: torch.Tensor, attention_mask: torch
         pass
     if final is None:  # every answer slot was fixed by a constraint: nothing to denoise
         return initial_sequence(prompt_ids.to(denoiser.device), config, mask_id)
+    return final.ids
+
+
+def length_search_steps(denoiser: Denoiser, prompt_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                        config: GenerationConfig | None = None, lengths: Sequence[int] = (), *, mask_id: int,
+                        eos_id: int, eot_id: int | None = None) -> Iterator[Step]:
+    """Variable-length answers: decode once per candidate length and keep, per row, the best answer.
+
+    A fixed gen length leaves the answer's length to the sampler, and low-confidence remasking tends
+    to commit the end-of-answer padding first, before the content (an answer can even come out empty).
+    Here each candidate length L fixes the stop token (EoT, else EOS) at answer slot L and EOS after
+    it, `sample_steps` fills slots 0..L-1, and each row keeps the candidate whose revealed tokens have
+    the highest mean log-confidence (ties: the shorter). Yields every candidate's steps (never done),
+    then one last step (done) holding the kept answers. Costs len(lengths) times the NFE of one run.
+    """
+    config = config or GenerationConfig()
+    G = config.gen_length
+    if not lengths:
+        raise ValueError("length search needs at least one candidate length")
+    if any(not 1 <= L < G for L in lengths):
+        raise ValueError(f"candidate lengths must be in [1, gen length - 1 = {G - 1}] (room for the stop "
+                         f"token), got {min(lengths)}..{max(lengths)}")
+    if config.remasking != "low_confidence":
+        raise ValueError("length search ranks answers by their confidences: it needs remasking='low_confidence'")
+    if any(p >= min(lengths) for p in (config.constraints or {})):
+        raise ValueError("length search fixes the slots from the candidate length on: constraints must lie "
+                         f"before the shortest candidate ({min(lengths)})")
+    stop = eot_id if eot_id is not None else eos_id
+    runs = []
+    for L in lengths:  # validated up front: a bad setting fails before any forward pass
+        cfg_L = replace(config, constraints={**(config.constraints or {}), L: stop,
+                                             **{i: eos_id for i in range(L + 1, G)}})
+        runs.append((cfg_L, sample_steps(denoiser, prompt_ids, attention_mask, cfg_L, mask_id=mask_id,
+                                         eos_id=eos_id, eot_id=eot_id)))
+    return _length_search(runs, prompt_ids.to(denoiser.device), config, mask_id)
+
+
+def _length_search(runs, prompt_ids, config, mask_id) -> Iterator[Step]:
+    best_ids = best_score = None
+    n_steps = n_fe = 0
+    for cfg_L, run in runs:
+        ids = initial_sequence(prompt_ids, cfg_L, mask_id)  # kept as is when every slot is fixed
+        log_conf = torch.zeros(ids.shape[0], device=ids.device)  # [B]
+        count = torch.zeros_like(log_conf)
+        last = None
+        for last in run:
+            log_conf += torch.where(last.revealed, last.confidence.clamp_min(1e-30).log(), 0.0).sum(1)
+            count += last.revealed.sum(1)
+            ids = last.ids
+            yield replace(last, step=n_steps + last.step, nfe=n_fe + last.nfe, done=False)
+        if last is not None:
+            n_steps, n_fe = n_steps + last.step, n_fe + last.nfe
+        score = log_conf / count.clamp_min(1)  # [B] mean log-confidence of the revealed tokens
+        if best_ids is None:
+            best_ids, best_score = ids, score
+        else:
+            best_ids = torch.where((score > best_score)[:, None], ids, best_ids)
+            best_score = torch.maximum(score, best_score)
+    none = torch.zeros(best_ids.shape, dtype=torch.bool, device=best_ids.device)
+    yield Step(ids=best_ids, prompt_length=prompt_ids.shape[1], revealed=none, confidence=none.float(),
+               step=n_steps, nfe=n_fe, done=True)
+
+
+def generate_length_search(denoiser: Denoiser, prompt_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                           config: GenerationConfig | None = None, lengths: Sequence[int] = (), *, mask_id: int,
+                           eos_id: int, eot_id: int | None = None) -> torch.Tensor:
+    """length_search_steps run to the end -> ids [B, P + gen_length] of the kept answers."""
+    for final in length_search_steps(denoiser, prompt_ids, attention_mask, config, lengths, mask_id=mask_id,
+                                     eos_id=eos_id, eot_id=eot_id):
+        pass
     return final.ids
 
 

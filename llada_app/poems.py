@@ -13,6 +13,7 @@ import argparse
 import json
 import string
 import sys
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -175,7 +176,7 @@ class ChatAnswerer:
     """Answers batches of chat conversations greedily with the shared samplers (MDM or ARM)."""
 
     def __init__(self, model, tokenizer, ids, gen_length: int = GEN_LENGTH, batch_size: int = 64,
-                 block_length: int | None = None):
+                 block_length: int | None = None, length_search: Sequence[int] | None = None):
         from .backends import TorchDenoiser
         from .generation import GenerationConfig
 
@@ -183,6 +184,7 @@ class ChatAnswerer:
         self.denoiser = TorchDenoiser(model)
         self.causal = bool(getattr(model.config, "causal", False))
         self.gen_length, self.batch_size = gen_length, batch_size
+        self.length_search = list(length_search) if length_search else None  # MDM: candidate answer lengths
         # MDM: one token per step, in one block (the paper's setting) unless `block_length` is given
         self.config = GenerationConfig(gen_length=gen_length, block_length=block_length or gen_length,
                                        steps=gen_length, temperature=0.0)
@@ -196,7 +198,7 @@ class ChatAnswerer:
         return out
 
     def _batch(self, conversations: list[list[dict]]) -> list[str]:
-        from .generation import generate, generate_arm, pad_prompts
+        from .generation import generate, generate_arm, generate_length_search, pad_prompts
         from .tokenization import chat_prompt_ids, decode_answer
 
         prompts = [chat_prompt_ids(self.tokenizer, c) for c in conversations]
@@ -204,6 +206,9 @@ class ChatAnswerer:
         if self.causal:
             seq = generate_arm(self.denoiser, ids, attn, max_new_tokens=self.gen_length,
                                stop_ids=[self.ids.eot, self.ids.eos])
+        elif self.length_search:
+            seq = generate_length_search(self.denoiser, ids, attn, self.config, self.length_search,
+                                            mask_id=self.ids.mask, eos_id=self.ids.eos, eot_id=self.ids.eot)
         else:
             seq = generate(self.denoiser, ids, attn, self.config, mask_id=self.ids.mask, eos_id=self.ids.eos,
                            eot_id=self.ids.eot)
@@ -245,10 +250,12 @@ def infill_accuracy(model, tokenizer, ids, pairs: list[tuple[str, str]]) -> tupl
 
 def evaluate(model, tokenizer, ids, corpus: PoemCorpus, split: str = "heldout", limit: int | None = None,
              name: str = "model", gen_length: int = GEN_LENGTH, multiturn: bool = True,
-             infill: bool = False, block_length: int | None = None) -> EvalResult:
+             infill: bool = False, block_length: int | None = None,
+             length_search: Sequence[int] | None = None) -> EvalResult:
     """Forward / reversal / follow-up exact match on the adjacent line pairs of `split`'s sonnets;
-    with `infill`, a masked-diffusion model also gets the knowledge probe (`infill_accuracy`)."""
-    answer = ChatAnswerer(model, tokenizer, ids, gen_length, block_length=block_length)
+    with `infill`, a masked-diffusion model also gets the knowledge probe (`infill_accuracy`);
+    `length_search`: candidate answer lengths for the MDM (`generation.generate_length_search`)."""
+    answer = ChatAnswerer(model, tokenizer, ids, gen_length, block_length=block_length, length_search=length_search)
     pairs = _pairs(corpus.split(split), limit)
     fwd_q = [[{"role": "user", "content": question(a, "next")}] for a, _ in pairs]
     rev_q = [[{"role": "user", "content": question(b, "previous")}] for _, b in pairs]
@@ -301,6 +308,12 @@ def _training_answer_slots(model_dir: str) -> int | None:
     return json.loads(meta.read_text()).get("config", {}).get("answer_slots") if meta.is_file() else None
 
 
+def sft_line_lengths(corpus: PoemCorpus, tokenizer) -> range:
+    """Shortest..longest line of the SFT (train) sonnets, in tokens: the answer lengths SFT showed."""
+    n = [len(tokenizer(line, add_special_tokens=False)["input_ids"]) for s in corpus.split("train") for line in s.lines]
+    return range(min(n), max(n) + 1)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m llada_app.poems", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -317,6 +330,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--block-length", type=int, default=None,
                    help="MDM semi-autoregressive block length, still one token per step (default: the gen "
                         "length, one block, as in the paper)")
+    p.add_argument("--length-search", nargs="?", const="train", default=None, metavar="MIN:MAX",
+                   help="MDM: decode each answer at every length MIN..MAX tokens (stop token fixed after it) and "
+                        "keep the most confident (generation.generate_length_search); without a value, the "
+                        "range of line lengths in the SFT (train) sonnets")
     p.add_argument("--no-multiturn", action="store_true", help="skip the follow-up questions")
     p.add_argument("--infill", action="store_true",
                    help="also probe what a masked-diffusion model knows outside the chat: infill each line "
@@ -327,6 +344,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.limit is not None and args.limit < 1:
         parser.error("--limit must be >= 1")
 
+    from .generation import parse_lengths
     from .loading import load_model
 
     results = []
@@ -336,10 +354,12 @@ def main(argv: list[str] | None = None) -> None:
         gen_length = args.gen_length or _training_answer_slots(model_dir) or GEN_LENGTH
         kind = "ARM" if loaded.model.config.causal else "MDM"
         try:
+            lengths = (sft_line_lengths(corpus, loaded.tokenizer) if args.length_search == "train"
+                       else parse_lengths(args.length_search or ""))
             results.append(evaluate(loaded.model, loaded.tokenizer, loaded.ids, corpus, args.split, args.limit,
                                     name=f"{loaded.name} [{kind}]", gen_length=gen_length,
                                     multiturn=not args.no_multiturn, infill=args.infill,
-                                    block_length=args.block_length))
+                                    block_length=args.block_length, length_search=lengths))
         except ValueError as e:  # decoding settings the sampler refuses
             parser.error(str(e))
     if args.json:

@@ -67,6 +67,7 @@ class ChatSettings:
     animate: bool = True  # False: show only the finished answer
     pace_ms: float = 0.0  # animation only: at least this long between two steps (0: as fast as the model)
     constraints: str = ""  # forced words "position:word, ..." (answer positions, e.g. "0:Shall, 5:summer")
+    lengths: str = ""  # length search "MIN:MAX": decode every answer length in tokens, keep the most confident
     seed: int | None = None  # for temperature > 0 / random remasking
 
 
@@ -175,6 +176,15 @@ class Studio:
         if not (self.model_path and meta.is_file()):
             return None
         return json.loads(meta.read_text()).get("config", {}).get("answer_slots")
+
+    @cached_property
+    def poem_lengths(self) -> str:
+        """The poem tab's length search, "MIN:MAX": the line lengths of the model's SFT sonnets (models
+        trained here); "" (one fixed gen length) for other models."""
+        if not self.answer_slots:
+            return ""
+        lengths = poems.sft_line_lengths(self.corpus, self.mdm.tokenizer)
+        return f"{lengths.start}:{lengths.stop - 1}"
 
     def default_settings(self) -> ChatSettings:
         """Chat defaults: one block of the fine-tuning answer length when known (what the model saw)."""
@@ -318,13 +328,22 @@ class Studio:
 
     def _stream_mdm(self, prompt: list[int], settings: ChatSettings,
                     should_stop: Callable[[], bool] | None = None) -> Iterator[Frame]:
-        from .generation import initial_sequence, sample_steps
+        from .generation import initial_sequence, length_search_steps, parse_lengths, sample_steps
 
         denoiser = self.current_denoiser()  # kept for the whole request, whatever the Export tab does
         config = self._generation_config(settings, denoiser, len(prompt))
         ids = self.mdm.ids
         prompt_ids = torch.tensor([prompt], dtype=torch.long, device=denoiser.device)  # [1, P]
-        steps = sample_steps(denoiser, prompt_ids, None, config, mask_id=ids.mask, eos_id=ids.eos, eot_id=ids.eot)
+        try:
+            lengths = parse_lengths(settings.lengths)
+            if lengths:
+                steps = length_search_steps(denoiser, prompt_ids, None, config, lengths, mask_id=ids.mask,
+                                            eos_id=ids.eos, eot_id=ids.eot)
+            else:
+                steps = sample_steps(denoiser, prompt_ids, None, config, mask_id=ids.mask, eos_id=ids.eos,
+                                     eot_id=ids.eot)
+        except ValueError as e:
+            raise RequestError(f"length search: {e}") from None
         canvas = initial_sequence(prompt_ids, config, ids.mask)[0, len(prompt):].tolist()  # masks + forced words
         yield from self._frames(steps, self.mdm, denoiser.name, settings, canvas, should_stop)
 

@@ -20,6 +20,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ class TrainConfig:
     objective: str = "mdm"  # "mdm" (masked diffusion) or "arm" (causal, next-token)
     stage: str = "both"  # "both" (pretrain then sft), "pretrain" only, or "sft" only
     init_from: str | None = None  # a saved model folder to start from (weights + tokenizer)
+    freeze: str = ""  # regex: parameters whose name matches stay fixed (e.g. "wte|ff_proj|up_proj")
     # corpus
     sonnets_file: str | None = None  # default: assets/data/sonnets.txt
     n_sonnets: int = 30  # train on the first N sonnets; the last sixth (>= 5) is held out of SFT
@@ -394,8 +396,13 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         tokenizer.save_pretrained(out / "checkpoints" / "tokenizer")
     mask_id = tokenizer.mask_token_id
 
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    if cfg.freeze:
+        frozen = [p.requires_grad_(False) for n, p in model.named_parameters() if re.search(cfg.freeze, n)]
+        if not frozen:
+            raise ValueError(f"--freeze {cfg.freeze!r} matches no parameter name")
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in trainable if p.dim() >= 2]
+    no_decay = [p for n, p in trainable if p.dim() < 2]
     optimizer = torch.optim.AdamW([dict(params=decay, weight_decay=cfg.weight_decay),
                                    dict(params=no_decay, weight_decay=0.0)],
                                   lr=cfg.lr, betas=(0.9, cfg.beta2))
@@ -414,7 +421,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     batches = BatchMaker(cfg, tokenizer, sonnets, sft_sonnets)
     rank = accelerator.process_index
     n_params = sum(p.numel() for p in accelerator.unwrap_model(model).parameters())
-    accelerator.print(f"{cfg.objective}: {n_params / 1e6:.2f}M parameters, {len(tokenizer)} tokens, "
+    n_trained = sum(p.numel() for p in accelerator.unwrap_model(model).parameters() if p.requires_grad)
+    trained = f" ({n_trained / 1e6:.2f}M trained)" if n_trained < n_params else ""
+    accelerator.print(f"{cfg.objective}: {n_params / 1e6:.2f}M parameters{trained}, {len(tokenizer)} tokens, "
                       f"{len(sonnets)} sonnets ({len(held_out)} held out of SFT: "
                       f"{held_out[0].number}-{held_out[-1].number}), {cfg.total_steps} steps")
     bar = tqdm(total=cfg.total_steps, initial=step, disable=not (cfg.progress and accelerator.is_main_process),

@@ -165,17 +165,20 @@ def build_app(studio: Studio, *, concurrency_limit: int | None = None) -> gr.Blo
                                                 info="0: as fast as the model goes (tokens/s counts compute only)")
                             constraints = gr.Textbox("", label="Word constraints", placeholder="0:Shall, 5:summer",
                                                      info="position:word pairs forced into the answer")
+                            lengths = gr.Textbox("", label="Length search (answer lengths)", placeholder="8:24",
+                                                 info="MIN:MAX tokens: decode each length, keep the most confident")
                         gr.HTML(LEGEND)
                 controls = [gen_length, steps, block_length, temperature, cfg_scale, remasking, mode,
-                            threshold, animate, pace_ms, constraints]
+                            threshold, animate, pace_ms, constraints, lengths]
 
                 signal = gr.State(StopSignal())  # deep-copied: one per session
 
                 def chat(message, history, signal, gen_length, steps, block_length, temperature, cfg_scale,
-                         remasking, mode, threshold, animate, pace_ms, constraints):
+                         remasking, mode, threshold, animate, pace_ms, constraints, lengths):
                     history = list(history or [])
                     settings = ChatSettings(gen_length, steps, block_length, temperature, cfg_scale, remasking,
-                                            mode, threshold, animate, pace_ms=pace_ms, constraints=constraints)
+                                            mode, threshold, animate, pace_ms=pace_ms, constraints=constraints,
+                                            lengths=lengths)
                     shown = [*history, {"role": "user", "content": (message or "").strip()}]
                     stream = studio.stream_chat(history, message, settings,
                                                 should_stop=signal.should_stop)
@@ -246,15 +249,17 @@ def build_app(studio: Studio, *, concurrency_limit: int | None = None) -> gr.Blo
                         poem_animate = gr.Checkbox(value=True, label="Animate")
                         poem_pace = gr.Slider(0, 200, value=PACE_MS / 2, step=5,
                                               label="Pace (ms per step, each model)", elem_id="poem-pace")
+                        poem_lengths = gr.Textbox(studio.poem_lengths, label="MDM length search (MIN:MAX tokens)",
+                                                  info="empty: one fixed gen length", elem_id="poem-lengths")
                     poem_result = gr.JSON(label="Result")
                 rows, labels = poem_examples(studio)
                 gr.Examples(rows, inputs=[line_box, direction], example_labels=labels)
 
                 poem_signal = gr.State(StopSignal())  # deep-copied: one per session
 
-                def poem(line, direction, signal, gen_length, steps, animate, pace_ms):
+                def poem(line, direction, signal, gen_length, steps, animate, pace_ms, lengths):
                     settings = ChatSettings(gen_length=gen_length, steps=steps, block_length=gen_length,
-                                            animate=animate, pace_ms=pace_ms)
+                                            animate=animate, pace_ms=pace_ms, lengths=lengths)
                     with _errors_to_page():
                         try:
                             for pf in studio.stream_poem(line, direction, settings,
@@ -272,7 +277,8 @@ def build_app(studio: Studio, *, concurrency_limit: int | None = None) -> gr.Blo
                 # the question; Stop ends it between two steps.
                 gr.on([run_poem.click, line_box.submit], arm_signal, poem_signal, None, queue=False,
                       api_visibility="private").then(
-                    poem, [line_box, direction, poem_signal, poem_length, poem_steps, poem_animate, poem_pace],
+                    poem, [line_box, direction, poem_signal, poem_length, poem_steps, poem_animate, poem_pace,
+                           poem_lengths],
                     [mdm_view, arm_view, expected_md, poem_result], api_name="poem",
                     show_progress="hidden", **model_limit)
                 stop_poem.click(request("stop"), poem_signal, None, queue=False, api_visibility="private")

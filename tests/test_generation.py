@@ -6,7 +6,8 @@ import torch
 
 from llada_app.backends import DenoiserOutput, TorchDenoiser
 from llada_app.generation import (GenerationConfig, arm_steps, block_schedule, generate, generate_arm,
-                                  pad_prompts, parse_constraints, sample_steps)
+                                  generate_length_search, length_search_steps, pad_prompts, parse_constraints,
+                                  sample_steps)
 from llada_app.modeling import LLaDAModelLM
 
 from conftest import tiny_config
@@ -169,6 +170,53 @@ def test_constraints_are_forced_at_every_step(sharp_model, prompts, ids):
     # 13 free slots over 2 blocks of 4 steps each: every step reveals at least one
     assert sum(int(s.revealed.sum()) for s in steps) == 16 - len(cons)
     assert not (steps[-1].ids == ids["mask_id"]).any()
+
+
+def _stop_at(L, G, ids):
+    return {L: ids["eot_id"]} | {i: ids["eos_id"] for i in range(L + 1, G)}
+
+
+def test_length_search_with_one_length_is_generate_with_the_stop_fixed(sharp_model, prompts, ids):
+    prompt, mask = pad_prompts(prompts, 0)
+    cfg = GenerationConfig(gen_length=16, block_length=8, steps=16)
+    got = generate_length_search(TorchDenoiser(sharp_model), prompt, mask, cfg, [5], **ids)
+    want = generate(TorchDenoiser(sharp_model), prompt, mask, replace(cfg, constraints=_stop_at(5, 16, ids)), **ids)
+    assert torch.equal(got, want)
+
+
+def test_length_search_keeps_each_rows_most_confident_candidate(sharp_model, prompts, ids):
+    prompt, mask = pad_prompts(prompts, 0)  # two rows, left-padded: each row chooses on its own
+    P, cfg, lengths = prompt.shape[1], GenerationConfig(gen_length=16, block_length=16, steps=16), [3, 6, 9, 12]
+    stream = list(length_search_steps(TorchDenoiser(sharp_model), prompt, mask, cfg, lengths, **ids))
+    scores, answers = [], []
+    for L in lengths:  # score each candidate again from its own stream
+        steps = list(sample_steps(TorchDenoiser(sharp_model), prompt, mask,
+                                  replace(cfg, constraints=_stop_at(L, 16, ids)), **ids))
+        logs = [[float(c.log()) for c in s.confidence[row][s.revealed[row]]] for s in steps for row in (0, 1)]
+        per_row = [sum(logs[k::2], []) for k in (0, 1)]
+        assert [len(r) for r in per_row] == [L, L]  # every free slot revealed once
+        scores.append([sum(r) / L for r in per_row])
+        answers.append(steps[-1].ids)
+    final = stream[-1]
+    for row in (0, 1):
+        best = max(range(len(lengths)), key=lambda k: scores[k][row])
+        assert torch.equal(final.ids[row], answers[best][row])
+        L = lengths[best]
+        assert final.ids[row, P + L] == ids["eot_id"] and (final.ids[row, P + L + 1:] == ids["eos_id"]).all()
+    # the stream: every candidate's steps, numbered on from the previous candidate's, then the kept answers
+    assert len(stream) == sum(lengths) + 1 and [s.done for s in stream].count(True) == 1 and stream[-1].done
+    assert [s.step for s in stream[:-1]] == list(range(1, sum(lengths) + 1)) == [s.nfe for s in stream[:-1]]
+    assert torch.equal(final.ids, generate_length_search(TorchDenoiser(sharp_model), prompt, mask, cfg, lengths, **ids))
+
+
+@pytest.mark.parametrize("lengths,extra,match", [
+    ([], {}, "at least one"), ([0, 4], {}, "in \\[1, gen length"), ([16], {}, "in \\[1, gen length"),
+    ([4], dict(remasking="random"), "low_confidence"), ([4, 8], dict(constraints={5: 42}), "before the shortest"),
+])
+def test_length_search_errors(sharp_model, prompts, ids, lengths, extra, match):
+    cfg = GenerationConfig(gen_length=16, block_length=16, steps=16, **extra)
+    with pytest.raises(ValueError, match=match):
+        generate_length_search(TorchDenoiser(sharp_model), torch.tensor([prompts[0]]), None, cfg, lengths, **ids)
 
 
 def test_suppress_eos_and_zero_confidence(sharp_model, prompts, ids):

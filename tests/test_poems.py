@@ -146,3 +146,36 @@ def test_infill_probe_reads_what_the_bundled_mdm_knows():
     probed = dataclasses.replace(r, model="mdm", infill_forward=fwd, infill_reversal=rev)
     table = format_table([probed, r])
     assert "Infill fwd / rev" in table and f"{100 * fwd:.1f} / {100 * rev:.1f} |" in table and table.endswith("| — |")
+
+
+def test_length_search_ranges(tiny_tokenizer, capsys):
+    from llada_app.generation import parse_lengths
+    from llada_app.poems import main, sft_line_lengths
+
+    assert parse_lengths("3:5") == range(3, 6) and parse_lengths(" ") is None
+    for bad in ("5:3", "0:4", "x", "4", "a:b"):
+        with pytest.raises(ValueError, match="answer lengths"):
+            parse_lengths(bad)
+    corpus = PoemCorpus(load_sonnets(), 30)
+    lengths = [len(tiny_tokenizer(line, add_special_tokens=False)["input_ids"])
+               for s in corpus.split("train") for line in s.lines]
+    assert sft_line_lengths(corpus, tiny_tokenizer) == range(min(lengths), max(lengths) + 1)
+    with pytest.raises(SystemExit):
+        main(["eval", "--model", str(ROOT / "assets/models/sonnets-mdm"), "--length-search", "9:4", "--limit", "1"])
+    assert "answer lengths need 1 <= MIN <= MAX" in capsys.readouterr().err
+
+
+def test_length_search_answers_the_bundled_mdm_in_whole_lines():
+    """Fixed-length decoding lets the bundled MDM commit its end-of-answer padding before the content;
+    decoding every line length of the SFT sonnets and keeping the most confident does better on the
+    held-out forward questions (README: 40.0 against 20.0 on all 65 pairs)."""
+    from llada_app.loading import BUNDLED_MODELS, load_model
+    from llada_app.poems import sft_line_lengths
+
+    mdm = load_model(BUNDLED_MODELS / "sonnets-mdm", device="cpu")
+    corpus = PoemCorpus.for_model(BUNDLED_MODELS / "sonnets-mdm")
+    lengths = sft_line_lengths(corpus, mdm.tokenizer)
+    plain = evaluate(mdm.model, mdm.tokenizer, mdm.ids, corpus, "heldout", limit=16, multiturn=False)
+    search = evaluate(mdm.model, mdm.tokenizer, mdm.ids, corpus, "heldout", limit=16, multiturn=False,
+                      length_search=lengths)
+    assert search.forward > plain.forward, (search.forward, plain.forward)

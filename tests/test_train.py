@@ -195,6 +195,15 @@ def test_second_run_starts_from_the_first_and_keeps_its_curves(tmp_path):
     assert any(not torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     with pytest.raises(ValueError, match="causal"):
         train(_micro(tmp_path / "arm", objective="arm", stage="sft", pretrain_steps=0, sft_steps=1, init_from=str(base)))
+    # --freeze: the matching parameters stay as the first run left them, the others train
+    frozen = train(_micro(tmp_path / "frozen", stage="sft", pretrain_steps=0, sft_steps=3, init_from=str(base),
+                          freeze="ff_proj|up_proj"))
+    c = load_model(str(frozen), device="cpu").model.state_dict()
+    for name, x in a.state_dict().items():
+        assert torch.equal(x, c[name]) == ("ff_proj" in name or "up_proj" in name), name
+    with pytest.raises(ValueError, match="matches no parameter"):
+        train(_micro(tmp_path / "none", stage="sft", pretrain_steps=0, sft_steps=1, init_from=str(base),
+                     freeze="no_such_weight"))
 
 
 def _run(args, **kw):

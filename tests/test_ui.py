@@ -173,6 +173,21 @@ def test_word_constraints_are_forced_and_bad_ones_refused(server):
         chat(client, "hello", constraints="rose")
 
 
+def test_length_search_answers_within_the_lengths_and_refuses_bad_ones(studio, server):
+    frames = list(studio.stream_chat([], "hello", ChatSettings(**FAST, lengths="6:8")))
+    assert frames[-1].done and frames[-1].nfe == 6 + 7 + 8  # one run per candidate length, one slot per step
+    assert [f.done for f in frames].count(True) == 1
+    if studio.answer_slots:  # a model trained here: the poem tab searches its SFT line lengths
+        r = poems.sft_line_lengths(studio.corpus, studio.mdm.tokenizer)
+        assert studio.poem_lengths == f"{r.start}:{r.stop - 1}"
+    else:
+        assert studio.poem_lengths == ""
+    with pytest.raises(AppError, match="length search: answer lengths take MIN:MAX"):
+        chat(Client(server, verbose=False), "hello", lengths="8")
+    with pytest.raises(AppError, match="length search: candidate lengths must be in"):
+        chat(Client(server, verbose=False), "hello", lengths="4:40")
+
+
 def test_two_concurrent_clients_keep_their_own_conversations(server, studio, prompts):
     sonnets = studio.corpus.split("train")
     questions = {"a": poems.question(sonnets[0].lines[4], "next"),
