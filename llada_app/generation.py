@@ -365,7 +365,7 @@ def length_search_steps(denoiser: Denoiser, prompt_ids: torch.Tensor, attention_
     to commit the end-of-answer padding first, before the content (an answer can even come out empty).
     Here each candidate length L fixes the stop token (EoT, else EOS) at answer slot L and EOS after
     it, `sample_steps` fills slots 0..L-1, and each row keeps the candidate whose revealed tokens have
-    the highest mean log-confidence (ties: the shorter). Yields every candidate's steps (never done),
+    the highest mean log-confidence (ties: the earlier candidate). Yields every candidate's steps (never done),
     then one last step (done) holding the kept answers. Costs len(lengths) times the NFE of one run.
     """
     config = config or GenerationConfig()
@@ -387,10 +387,10 @@ def length_search_steps(denoiser: Denoiser, prompt_ids: torch.Tensor, attention_
                                              **{i: eos_id for i in range(L + 1, G)}})
         runs.append((cfg_L, sample_steps(denoiser, prompt_ids, attention_mask, cfg_L, mask_id=mask_id,
                                          eos_id=eos_id, eot_id=eot_id)))
-    return _length_search(runs, prompt_ids.to(denoiser.device), config, mask_id)
+    return _length_search(runs, prompt_ids.to(denoiser.device), mask_id)
 
 
-def _length_search(runs, prompt_ids, config, mask_id) -> Iterator[Step]:
+def _length_search(runs, prompt_ids, mask_id) -> Iterator[Step]:
     best_ids = best_score = None
     n_steps = n_fe = 0
     for cfg_L, run in runs:

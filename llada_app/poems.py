@@ -208,7 +208,7 @@ class ChatAnswerer:
                                stop_ids=[self.ids.eot, self.ids.eos])
         elif self.length_search:
             seq = generate_length_search(self.denoiser, ids, attn, self.config, self.length_search,
-                                            mask_id=self.ids.mask, eos_id=self.ids.eos, eot_id=self.ids.eot)
+                                         mask_id=self.ids.mask, eos_id=self.ids.eos, eot_id=self.ids.eot)
         else:
             seq = generate(self.denoiser, ids, attn, self.config, mask_id=self.ids.mask, eos_id=self.ids.eos,
                            eot_id=self.ids.eot)

@@ -339,11 +339,10 @@ class Studio:
             if lengths:
                 steps = length_search_steps(denoiser, prompt_ids, None, config, lengths, mask_id=ids.mask,
                                             eos_id=ids.eos, eot_id=ids.eot)
-            else:
-                steps = sample_steps(denoiser, prompt_ids, None, config, mask_id=ids.mask, eos_id=ids.eos,
-                                     eot_id=ids.eot)
         except ValueError as e:
             raise RequestError(f"length search: {e}") from None
+        if not lengths:
+            steps = sample_steps(denoiser, prompt_ids, None, config, mask_id=ids.mask, eos_id=ids.eos, eot_id=ids.eot)
         canvas = initial_sequence(prompt_ids, config, ids.mask)[0, len(prompt):].tolist()  # masks + forced words
         yield from self._frames(steps, self.mdm, denoiser.name, settings, canvas, should_stop)
 

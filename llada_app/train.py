@@ -400,9 +400,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         frozen = [p.requires_grad_(False) for n, p in model.named_parameters() if re.search(cfg.freeze, n)]
         if not frozen:
             raise ValueError(f"--freeze {cfg.freeze!r} matches no parameter name")
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    decay = [p for n, p in trainable if p.dim() >= 2]
-    no_decay = [p for n, p in trainable if p.dim() < 2]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trainable if p.dim() >= 2]
+    no_decay = [p for p in trainable if p.dim() < 2]
     optimizer = torch.optim.AdamW([dict(params=decay, weight_decay=cfg.weight_decay),
                                    dict(params=no_decay, weight_decay=0.0)],
                                   lr=cfg.lr, betas=(0.9, cfg.beta2))
