@@ -5,7 +5,7 @@
     python -m llada_app.bench --backend onnx --json
 
 For each mode (vanilla with steps = gen length, threshold, prefix cache, dual cache, threshold +
-prefix, threshold + dual) it decodes the same chat prompts and reports the forward passes (NFE),
+prefix, threshold + dual; with --lengths, a length search on vanilla's schedule) it decodes the same chat prompts and reports the forward passes (NFE),
 the wall time (median of --repeats after a warm-up), tokens/s (answer slots decoded per second),
 the speed-up over vanilla, how often the output agrees with vanilla's, the poem task accuracy when
 the prompts have known answers, and the sampler's own overhead (wall time minus the time spent
@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .generation import GenerationConfig, generate, generate_arm, pad_prompts
+from .generation import GenerationConfig, generate, generate_arm, generate_length_search, pad_prompts, parse_lengths
 from .loading import BUNDLED_MODELS, DEFAULT_MODEL, LoadedModel
 from .tokenization import answer_tokens, chat_prompt_ids, decode_answer
 
@@ -199,6 +199,7 @@ class Job:
     batches: list  # [(ids [B, P], attention mask [B, P] | None)]
     config: GenerationConfig | None
     ids: object  # SpecialIds of the job's model
+    lengths: range | None = None  # candidate answer lengths of a length search
     runs: list = field(default_factory=list)  # (wall s, cpu s, denoiser s, nfe per batch) per timed run
     outs: list = field(default_factory=list)  # answer slots per batch, from the last run
 
@@ -209,6 +210,9 @@ class Job:
         for prompt, attn in self.batches:
             if self.config is None:
                 seq = generate_arm(den, prompt, attn, max_new_tokens=max_new_tokens, stop_ids=[ids.eot, ids.eos])
+            elif self.lengths:
+                seq = generate_length_search(den, prompt, attn, self.config, self.lengths, mask_id=ids.mask,
+                                             eos_id=ids.eos, eot_id=ids.eot)
             else:
                 seq = generate(den, prompt, attn, self.config, mask_id=ids.mask, eos_id=ids.eos, eot_id=ids.eot)
             outs.append(seq[:, prompt.shape[1]:].cpu())
@@ -295,6 +299,9 @@ def run_bench(args) -> dict:
             skipped.append(mode)
         else:
             jobs.append(Job(mode, denoiser, batches, configs[mode], loaded.ids))
+    if args.lengths:
+        jobs.append(Job("length-search", denoiser, batches, configs["vanilla"], loaded.ids,
+                        lengths=args.lengths))
     if arm:
         jobs.append(Job("arm (KV cache)", arm[0], batches_for(arm[1]), None, arm[1].ids))
     measure(jobs, args.repeats, args.warmup, G, progress=not args.json and sys.stderr.isatty())
@@ -316,6 +323,8 @@ def run_bench(args) -> dict:
             extra = dict(agree_tokens=float((slots == vanilla_slots).float().mean()),
                          agree_answers=sum(a == b for a, b in zip(toks, vanilla_toks)) / n,
                          config={k: v for k, v in asdict(job.config).items() if v not in (None, False)})
+            if job.lengths:
+                extra["config"]["lengths"] = f"{job.lengths.start}:{job.lengths.stop - 1}"
         rows.append(Row(job.name, nfe, wall, wall / n, produced / wall, cpu_s=cpu, accuracy=_accuracy(texts, prompts),
                         denoiser_s=den, ms_per_forward=1e3 * den / (nfe * len(job.batches)),
                         overhead_pct=100 * (wall - den) / wall, **extra))
@@ -356,6 +365,13 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _lengths(text: str) -> range:
+    try:
+        return parse_lengths(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m llada_app.bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -373,6 +389,8 @@ def parse_args(argv=None):
     p.add_argument("--block-length", type=int, default=32)
     p.add_argument("--threshold", type=float, default=0.9, help="tau of the threshold modes")
     p.add_argument("--modes", nargs="+", help="subset of modes (vanilla is always run: it is the reference)")
+    p.add_argument("--lengths", type=_lengths, metavar="MIN:MAX",
+                   help="also a length search over these answer lengths in tokens (vanilla's schedule)")
     p.add_argument("--prompts", type=int, default=8, help="number of chat prompts")
     p.add_argument("--split", choices=["heldout", "train"], default="heldout",
                    help="sonnets the poem questions are drawn from (heldout: kept out of SFT)")

@@ -56,7 +56,7 @@ class GenerationConfig:
     cache: str = "none"  # "none", "prefix" or "dual" K/V cache
     suppress_eos: bool = False  # EOS logit set to -inf (the model never proposes EOS)
     eos_zero_confidence: bool = False  # a position whose proposal is EOS/EoT gets confidence 0
-    constraints: dict[int, int] | None = None  # answer position -> token id, forced after every step
+    constraints: dict[int, int] | None = None  # answer position -> token id, fixed (never denoised)
     seed: int | None = None  # seeds a private torch.Generator (None: the global RNG)
 
     @property
@@ -202,8 +202,9 @@ def _propose(logits: torch.Tensor, config: GenerationConfig, gen: torch.Generato
 
 
 def _count_to_reveal(conf: torch.Tensor, candidates: torch.Tensor, config: GenerationConfig,
-                     k_fixed: int) -> torch.Tensor:
-    """How many positions each row reveals this step -> [B] long (no host sync)."""
+                     k_fixed: torch.Tensor | None) -> torch.Tensor:
+    """How many positions each row reveals this step -> [B] long (no host sync); k_fixed [B]: the
+    fixed schedule's count (None with threshold/factor decoding)."""
     n_cand = candidates.sum(1)
     if config.threshold is not None:
         k = ((conf >= config.threshold) & candidates).sum(1)
@@ -213,7 +214,7 @@ def _count_to_reveal(conf: torch.Tensor, candidates: torch.Tensor, config: Gener
         ok = ranked >= 1.0 - config.factor / (n + 1)
         k = ok.long().cumprod(1).sum(1)  # the longest run of accepted leading ranks
     else:
-        return torch.minimum(torch.full_like(n_cand, k_fixed), n_cand)
+        return torch.minimum(k_fixed, n_cand)
     return torch.minimum(k.clamp(min=1), n_cand)  # always at least one token per step
 
 
@@ -243,50 +244,63 @@ def sample_steps(denoiser: Denoiser, prompt_ids: torch.Tensor, attention_mask: t
     Closing the generator between steps stops the work; nothing runs in the background.
     """
     config = config or GenerationConfig()
+    _check_request(denoiser, prompt_ids, attention_mask, config, mask_id)
+    x = initial_sequence(prompt_ids.to(denoiser.device), config, mask_id)
+    return _sample(denoiser, x, prompt_ids.shape[1], attention_mask, config, mask_id, eos_id, eot_id)
+
+
+def _check_request(denoiser, prompt_ids, attention_mask, config: GenerationConfig, mask_id: int) -> None:
     if prompt_ids.dim() != 2:
         raise ValueError(f"prompt_ids must be [batch, length], got shape {tuple(prompt_ids.shape)}")
-    B, P = prompt_ids.shape
-    config.validate(denoiser.max_length, P, supports_cache=denoiser.supports_cache)
+    config.validate(denoiser.max_length, prompt_ids.shape[1], supports_cache=denoiser.supports_cache)
     if attention_mask is not None and attention_mask.shape != prompt_ids.shape:
         raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != prompt shape {tuple(prompt_ids.shape)}")
     if mask_id in (config.constraints or {}).values():
         raise ValueError("a constraint cannot force the mask token")
-    return _sample(denoiser, prompt_ids, attention_mask, config, mask_id, eos_id, eot_id)
 
 
-def _sample(denoiser, prompt_ids, attention_mask, config, mask_id, eos_id, eot_id) -> Iterator[Step]:
+def _sample(denoiser, x, P, attention_mask, config, mask_id, eos_id, eot_id) -> Iterator[Step]:
+    """The sampling loop over x [B, P + G] = [prompt | answer]: the answer's MASK slots are denoised, its
+    other slots (constraints, a length search's stop token and padding; they may differ by row) stay."""
     dev = denoiser.device
-    B, P = prompt_ids.shape
+    B, L = x.shape
     G, Lb = config.gen_length, config.block_length
     gen = _make_generator(config.seed, dev)
-    x = initial_sequence(prompt_ids.to(dev), config, mask_id)  # [B, L]
-    L = x.shape[1]
 
     # Key padding mask over the whole sequence; the CFG branch doubles the batch.
     attn = None
     if attention_mask is not None:
         attn = torch.cat([attention_mask.to(dev).long(), torch.ones(B, G, dtype=torch.long, device=dev)], 1)
     cfg = config.cfg_scale > 0
-    attn_in = torch.cat([attn, attn]) if (cfg and attn is not None) else attn
 
     # Built once: creating a tensor from a Python list inside the loop would be a host-to-device copy
     # (and so a sync) at every step on a GPU.
     banned = torch.tensor([mask_id, eos_id] if config.suppress_eos else [mask_id], device=dev)
-    constraints = config.constraints or {}
-    c_pos = torch.tensor([P + p for p in constraints], dtype=torch.long, device=dev)
-    c_tok = torch.tensor(list(constraints.values()), dtype=torch.long, device=dev)
-    # Free (maskable) slots per block are known on the host: no sync to build the schedule.
-    free = [Lb - sum(b * Lb <= p < (b + 1) * Lb for p in constraints) for b in range(config.num_blocks)]
-    work = [b for b in range(config.num_blocks) if free[b] > 0]
+    # Free (MASK) slots per row and block, read once before the loop; the fixed schedules are built from
+    # them here, so the loop itself never waits on the device. A row whose schedule is shorter than its
+    # block's longest reveals nothing in the extra steps.
+    free = (x[:, P:] == mask_id).reshape(B, config.num_blocks, Lb).sum(-1).T.tolist()  # [blocks][B]
+    work = [b for b in range(config.num_blocks) if max(free[b]) > 0]
     steps_per_block = config.steps // config.num_blocks
+    # Each step forwards the rows from the first one whose schedule has not ended: rows sorted by free
+    # slots (a length search's are) leave the batch as they finish.
+    schedules = {}  # block -> tokens to reveal [B, steps] (fixed schedule only)
+    first_row = {}  # block -> per step, the first row whose schedule has not ended
+    if not config.adaptive:
+        for b in work:
+            rows = [block_schedule(n, steps_per_block) for n in free[b]]
+            n_steps = max(len(r) for r in rows)
+            schedules[b] = torch.tensor([r + [0] * (n_steps - len(r)) for r in rows], device=dev)
+            first_row[b] = [next(j for j, r in enumerate(rows) if len(r) > i) for i in range(n_steps)]
 
-    def forward(first_in_block: bool, bs: int, be: int, past):
-        """-> fp32 logits of the block [B, be-bs, V] (CFG applied), and the K/V cache to reuse."""
-        x_in = x
+    def forward(first_in_block: bool, bs: int, be: int, past, r0: int):
+        """Rows r0.. -> fp32 logits of the block [B - r0, be-bs, V] (CFG applied), and the K/V cache to reuse."""
+        x_in, attn_in = x[r0:], None if attn is None else attn[r0:]
         if cfg:  # unconditional branch: every prompt position (padding included) set to MASK
-            x_u = x.clone()
+            x_u = x_in.clone()
             x_u[:, :P] = mask_id
-            x_in = torch.cat([x, x_u])
+            x_in = torch.cat([x_in, x_u])
+            attn_in = None if attn_in is None else torch.cat([attn_in, attn_in])
         if config.cache == "none":
             out = denoiser(x_in, attn_in, logits_slice=slice(bs, be))
         elif first_in_block:  # once per block: the full sequence, keeping every position's K/V
@@ -311,35 +325,42 @@ def _sample(denoiser, prompt_ids, attention_mask, config, mask_id, eos_id, eot_i
     step = nfe = 0
     for b in work:
         bs, be = P + b * Lb, P + (b + 1) * Lb
-        schedule = None if config.adaptive else block_schedule(free[b], steps_per_block)
+        schedule = schedules.get(b)  # [B, steps] or None (adaptive)
         last_block = b == work[-1]
-        past, i = None, 0
+        past, past_r0, i = None, 0, 0
         while True:
-            logits, past = forward(i == 0, bs, be, past)
+            r0 = 0 if schedule is None else first_row[b][i]  # rows before r0 are done with this block
+            if past is not None and r0 > past_r0:
+                past = _drop_rows(past, r0 - past_r0, 2 if cfg else 1)
+            logits, past = forward(i == 0, bs, be, past, r0)
+            past_r0 = r0
             nfe += 1
-            x0, conf = _propose(logits, config, gen, banned, eos_id, eot_id)  # [B, Lb] each
-            blk = x[:, bs:be]  # a view: writing to it updates x
+            x0, conf = _propose(logits, config, gen, banned, eos_id, eot_id)  # [B - r0, Lb] each
+            blk = x[r0:, bs:be]  # a view: writing to it updates x
             candidates = blk == mask_id
             conf = conf.masked_fill(~candidates, -torch.inf)
-            k = _count_to_reveal(conf, candidates, config, 0 if schedule is None else schedule[i])
-            reveal = _top_k_mask(conf, k)  # [B, Lb] bool
+            k = _count_to_reveal(conf, candidates, config, None if schedule is None else schedule[r0:, i])
+            reveal = _top_k_mask(conf, k)  # [B - r0, Lb] bool, only MASK slots: fixed slots are never candidates
             blk.copy_(torch.where(reveal, x0, blk))
-            if len(constraints):
-                x[:, c_pos] = c_tok
             i += 1
             if schedule is not None:
-                block_done = i == len(schedule)
+                block_done = i == schedule.shape[1]
             else:  # adaptive: the one host sync of the loop
                 block_done = not bool((blk == mask_id).any())
             step += 1
             revealed = torch.zeros(B, L, dtype=torch.bool, device=dev)
-            revealed[:, bs:be] = reveal
+            revealed[r0:, bs:be] = reveal
             confidence = torch.zeros(B, L, dtype=torch.float32, device=dev)
-            confidence[:, bs:be] = torch.where(reveal, conf, 0.0)
+            confidence[r0:, bs:be] = torch.where(reveal, conf, 0.0)
             yield Step(ids=x.clone(), prompt_length=P, revealed=revealed, confidence=confidence,
                        step=step, nfe=nfe, done=block_done and last_block, block=b)
             if block_done:
                 break
+
+
+def _drop_rows(past: tuple, n: int, groups: int) -> tuple:
+    """A K/V cache without the first n rows of each of its `groups` stacked batches (CFG stacks two)."""
+    return tuple(tuple(torch.cat([g[n:] for g in t.chunk(groups)]) for t in kv) for kv in past)
 
 
 def generate(denoiser: Denoiser, prompt_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -359,14 +380,16 @@ def generate(denoiser: Denoiser, prompt_ids: torch.Tensor, attention_mask: torch
 def length_search_steps(denoiser: Denoiser, prompt_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                         config: GenerationConfig | None = None, lengths: Sequence[int] = (), *, mask_id: int,
                         eos_id: int, eot_id: int | None = None) -> Iterator[Step]:
-    """Variable-length answers: decode once per candidate length and keep, per row, the best answer.
+    """Variable-length answers: decode every candidate length at once and keep, per row, the best answer.
 
     A fixed gen length leaves the answer's length to the sampler, and low-confidence remasking tends
     to commit the end-of-answer padding first, before the content (an answer can even come out empty).
     Here each candidate length L fixes the stop token (EoT, else EOS) at answer slot L and EOS after
-    it, `sample_steps` fills slots 0..L-1, and each row keeps the candidate whose revealed tokens have
-    the highest mean log-confidence (ties: the earlier candidate). Yields every candidate's steps (never done),
-    then one last step (done) holding the kept answers. Costs len(lengths) times the NFE of one run.
+    it, and the sampler fills slots 0..L-1. The K candidates of each prompt are rows of one batch
+    [K * B, P + G], denoised side by side, so the search takes as many forward passes as its longest
+    candidate alone (K times the rows per pass). Each row keeps the candidate whose revealed tokens
+    have the highest mean log-confidence (ties: the earlier length). Every step shows, per row, the
+    candidate leading so far (never done); the last step (done) holds the kept answers.
     """
     config = config or GenerationConfig()
     G = config.gen_length
@@ -380,40 +403,41 @@ def length_search_steps(denoiser: Denoiser, prompt_ids: torch.Tensor, attention_
     if any(p >= min(lengths) for p in (config.constraints or {})):
         raise ValueError("length search fixes the slots from the candidate length on: constraints must lie "
                          f"before the shortest candidate ({min(lengths)})")
-    stop = eot_id if eot_id is not None else eos_id
-    runs = []
-    for L in lengths:  # validated up front: a bad setting fails before any forward pass
-        cfg_L = replace(config, constraints={**(config.constraints or {}), L: stop,
-                                             **{i: eos_id for i in range(L + 1, G)}})
-        runs.append((cfg_L, sample_steps(denoiser, prompt_ids, attention_mask, cfg_L, mask_id=mask_id,
-                                         eos_id=eos_id, eot_id=eot_id)))
-    return _length_search(runs, prompt_ids.to(denoiser.device), mask_id)
+    _check_request(denoiser, prompt_ids, attention_mask, config, mask_id)
+    lengths = sorted(lengths)  # short candidates finish first and leave the batch from the top
+    K, (B, P) = len(lengths), prompt_ids.shape
+    x = initial_sequence(prompt_ids.to(denoiser.device), config, mask_id).repeat(K, 1)  # [K * B, P + G], row k*B + b
+    for k, L in enumerate(lengths):
+        x[k * B:(k + 1) * B, P + L] = eot_id if eot_id is not None else eos_id
+        x[k * B:(k + 1) * B, P + L + 1:] = eos_id
+    attn = None if attention_mask is None else attention_mask.repeat(K, 1)
+    return _length_search(_sample(denoiser, x.clone(), P, attn, config, mask_id, eos_id, eot_id), x, P, K)
 
 
-def _length_search(runs, prompt_ids, mask_id) -> Iterator[Step]:
-    best_ids = best_score = None
-    n_steps = n_fe = 0
-    for cfg_L, run in runs:
-        ids = initial_sequence(prompt_ids, cfg_L, mask_id)  # kept as is when every slot is fixed
-        log_conf = torch.zeros(ids.shape[0], device=ids.device)  # [B]
-        count = torch.zeros_like(log_conf)
-        last = None
-        for last in run:
-            log_conf += torch.where(last.revealed, last.confidence.clamp_min(1e-30).log(), 0.0).sum(1)
-            count += last.revealed.sum(1)
-            ids = last.ids
-            yield replace(last, step=n_steps + last.step, nfe=n_fe + last.nfe, done=False)
-        if last is not None:
-            n_steps, n_fe = n_steps + last.step, n_fe + last.nfe
-        score = log_conf / count.clamp_min(1)  # [B] mean log-confidence of the revealed tokens
-        if best_ids is None:
-            best_ids, best_score = ids, score
-        else:
-            best_ids = torch.where((score > best_score)[:, None], ids, best_ids)
-            best_score = torch.maximum(score, best_score)
-    none = torch.zeros(best_ids.shape, dtype=torch.bool, device=best_ids.device)
-    yield Step(ids=best_ids, prompt_length=prompt_ids.shape[1], revealed=none, confidence=none.float(),
-               step=n_steps, nfe=n_fe, done=True)
+def _length_search(steps: Iterator[Step], x: torch.Tensor, P: int, K: int) -> Iterator[Step]:
+    """Score the candidate rows of a length search's step stream; x [K * B, L]: its initial sequence."""
+    KB, L = x.shape
+    B = KB // K
+    log_conf = torch.zeros(KB, device=x.device)  # [K * B] sum of the log-confidences of revealed tokens
+    count = torch.zeros_like(log_conf)
+    rows = torch.arange(B, device=x.device)
+    step, ids = None, x
+
+    def best() -> torch.Tensor:  # [B] the row (k * B + b) of each prompt's leading candidate; ties: the earlier
+        return (log_conf / count.clamp_min(1)).view(K, B).argmax(0) * B + rows
+
+    try:
+        for step in steps:
+            log_conf += torch.where(step.revealed, step.confidence.clamp_min(1e-30).log(), 0.0).sum(1)
+            count += step.revealed.sum(1)
+            ids, lead = step.ids, best()
+            yield replace(step, ids=ids[lead], revealed=step.revealed[lead], confidence=step.confidence[lead],
+                          done=False)
+    finally:
+        steps.close()
+    none = torch.zeros(B, L, dtype=torch.bool, device=x.device)
+    yield Step(ids=ids[best()], prompt_length=P, revealed=none, confidence=none.float(),
+               step=step.step if step else 0, nfe=step.nfe if step else 0, done=True)
 
 
 def generate_length_search(denoiser: Denoiser, prompt_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,

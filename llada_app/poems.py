@@ -192,9 +192,12 @@ class ChatAnswerer:
             self.config.validate(self.denoiser.max_length, 1)
 
     def __call__(self, conversations: list[list[dict]]) -> list[str]:
+        n = self.batch_size  # rows per forward pass: a length search makes each prompt one row per candidate
+        if self.length_search and not self.causal:
+            n = max(1, n // len(self.length_search))
         out = []
-        for k in range(0, len(conversations), self.batch_size):
-            out += self._batch(conversations[k:k + self.batch_size])
+        for k in range(0, len(conversations), n):
+            out += self._batch(conversations[k:k + n])
         return out
 
     def _batch(self, conversations: list[list[dict]]) -> list[str]:

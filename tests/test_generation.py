@@ -50,13 +50,14 @@ class Counting:
     """Wraps a denoiser, counting calls and optionally biasing some logits (and hiding cache support)."""
 
     def __init__(self, inner, bias: dict[int, float] | None = None, supports_cache: bool | None = None):
-        self.inner, self.bias, self.calls = inner, bias or {}, 0
+        self.inner, self.bias, self.calls, self.rows = inner, bias or {}, 0, 0
         self.name, self.device, self.max_length = inner.name, inner.device, inner.max_length
         self.supports_cache = inner.supports_cache if supports_cache is None else supports_cache
         self.model = inner.model
 
     def __call__(self, *args, **kw):
         self.calls += 1
+        self.rows += args[0].shape[0]
         out = self.inner(*args, **kw)
         logits = out.logits.clone()
         for tok, b in self.bias.items():
@@ -184,28 +185,47 @@ def test_length_search_with_one_length_is_generate_with_the_stop_fixed(sharp_mod
     assert torch.equal(got, want)
 
 
-def test_length_search_keeps_each_rows_most_confident_candidate(sharp_model, prompts, ids):
+@pytest.mark.parametrize("block_length,steps,extra", [
+    (16, 16, {}), (4, 8, {}), (4, 16, dict(cache="dual")), (8, 8, dict(cache="prefix", cfg_scale=1.0)),
+])
+def test_length_search_keeps_each_rows_most_confident_candidate(sharp_model, prompts, ids, block_length, steps,
+                                                                 extra):
     prompt, mask = pad_prompts(prompts, 0)  # two rows, left-padded: each row chooses on its own
-    P, cfg, lengths = prompt.shape[1], GenerationConfig(gen_length=16, block_length=16, steps=16), [3, 6, 9, 12]
-    stream = list(length_search_steps(TorchDenoiser(sharp_model), prompt, mask, cfg, lengths, **ids))
-    scores, answers = [], []
-    for L in lengths:  # score each candidate again from its own stream
-        steps = list(sample_steps(TorchDenoiser(sharp_model), prompt, mask,
-                                  replace(cfg, constraints=_stop_at(L, 16, ids)), **ids))
-        logs = [[float(c.log()) for c in s.confidence[row][s.revealed[row]]] for s in steps for row in (0, 1)]
-        per_row = [sum(logs[k::2], []) for k in (0, 1)]
-        assert [len(r) for r in per_row] == [L, L]  # every free slot revealed once
-        scores.append([sum(r) / L for r in per_row])
-        answers.append(steps[-1].ids)
+    P, lengths = prompt.shape[1], [3, 6, 9, 12]
+    cfg = GenerationConfig(gen_length=16, block_length=block_length, steps=steps, **extra)
+    counting = Counting(TorchDenoiser(sharp_model))
+    stream = list(length_search_steps(counting, prompt, mask, cfg, lengths[::-1], **ids))  # any order
+    runs = []  # per candidate, decoded on its own: [(ids, [(sum of log-confidences, count) per row]) per step]
+    for L in lengths:
+        running, total = [], [[0.0, 0], [0.0, 0]]
+        for s in sample_steps(TorchDenoiser(sharp_model), prompt, mask,
+                              replace(cfg, constraints=_stop_at(L, 16, ids)), **ids):
+            for row in (0, 1):
+                total[row][0] += sum(float(c.log()) for c in s.confidence[row][s.revealed[row]])
+                total[row][1] += int(s.revealed[row].sum())
+            running.append((s.ids, [tuple(t) for t in total]))
+        assert [n for _, n in running[-1][1]] == [L, L]  # every free slot revealed once
+        runs.append(running)
+
+    def leader(i, row):  # the candidate with the best mean log-confidence after step i (ties: the earlier)
+        means = [run[min(i, len(run)) - 1][1][row] for run in runs]
+        return max(range(len(lengths)), key=lambda k: (means[k][0] / max(means[k][1], 1), -k))
+
+    # The candidates run side by side: as many steps and forward passes as the longest one alone, and a
+    # candidate's rows leave the batch when it is done (no more rows forwarded than the runs alone).
+    n = max(len(run) for run in runs)
+    assert len(stream) == n + 1 and [s.done for s in stream].count(True) == 1 and stream[-1].done
+    assert [s.step for s in stream[:-1]] == list(range(1, n + 1)) == [s.nfe for s in stream[:-1]]
+    assert counting.rows == 2 * sum(len(run) for run in runs) * (2 if cfg.cfg_scale else 1)
+    for i, s in enumerate(stream, start=1):  # each step shows each row's leader; the last one the kept answers
+        for row in (0, 1):
+            k = leader(min(i, n), row)
+            assert torch.equal(s.ids[row], runs[k][min(i, len(runs[k])) - 1][0][row])
     final = stream[-1]
     for row in (0, 1):
-        best = max(range(len(lengths)), key=lambda k: scores[k][row])
-        assert torch.equal(final.ids[row], answers[best][row])
-        L = lengths[best]
+        L = lengths[leader(n, row)]
         assert final.ids[row, P + L] == ids["eot_id"] and (final.ids[row, P + L + 1:] == ids["eos_id"]).all()
-    # the stream: every candidate's steps, numbered on from the previous candidate's, then the kept answers
-    assert len(stream) == sum(lengths) + 1 and [s.done for s in stream].count(True) == 1 and stream[-1].done
-    assert [s.step for s in stream[:-1]] == list(range(1, sum(lengths) + 1)) == [s.nfe for s in stream[:-1]]
+    assert len({lengths[leader(n, row)] for row in (0, 1)} | {lengths[leader(1, 0)]}) > 1  # the choice matters
     assert torch.equal(final.ids, generate_length_search(TorchDenoiser(sharp_model), prompt, mask, cfg, lengths, **ids))
 
 
