@@ -172,8 +172,8 @@ def test_browser_poem_stop_leaves_the_unfinished_answers(app):
             page.click("text=Poem settings and raw result")
             page.fill("#poem-pace input[type=number]", "200")  # 200 ms per step and model: a slow answer
             page.press("#poem-pace input[type=number]", "Enter")
-            # one fixed-length canvas (32 masks), not the default length search, whose short first
-            # candidates can be complete at the moment Stop lands
+            # one fixed-length canvas (32 masks), not the default length search, whose leading candidate
+            # can be a short one, already complete, at the moment Stop lands
             page.fill("#poem-lengths textarea", "")
             page.fill("#poem-line textarea", "From fairest creatures we desire increase,")
             page.click("#poem-ask")
