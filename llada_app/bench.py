@@ -5,12 +5,13 @@
     python -m llada_app.bench --backend onnx --json
 
 For each mode (vanilla with steps = gen length, threshold, prefix cache, dual cache, threshold +
-prefix, threshold + dual; with --lengths, a length search on vanilla's schedule) it decodes the same chat prompts and reports the forward passes (NFE),
-the wall time (median of --repeats after a warm-up), tokens/s (answer slots decoded per second),
-the speed-up over vanilla, how often the output agrees with vanilla's, the poem task accuracy when
-the prompts have known answers, and the sampler's own overhead (wall time minus the time spent
-inside the denoiser). The ARM row decodes the same prompts greedily with its K/V cache; it stops at
-EOS/EoT, so compare its seconds per answer rather than its tokens/s.
+prefix, threshold + dual; with --lengths, a length search on vanilla's schedule) it decodes the
+same chat prompts and reports the forward passes (NFE), the wall time (median of --repeats after a
+warm-up), tokens/s (answer slots decoded per second), the speed-up over vanilla, how often the
+output agrees with vanilla's, the poem task accuracy when the prompts have known answers, and the
+sampler's own overhead (wall time minus the time spent inside the denoiser). The ARM row decodes
+the same prompts greedily with its K/V cache; it stops at EOS/EoT, so compare its seconds per
+answer rather than its tokens/s.
 """
 from __future__ import annotations
 

@@ -387,9 +387,10 @@ def length_search_steps(denoiser: Denoiser, prompt_ids: torch.Tensor, attention_
     Here each candidate length L fixes the stop token (EoT, else EOS) at answer slot L and EOS after
     it, and the sampler fills slots 0..L-1. The K candidates of each prompt are rows of one batch
     [K * B, P + G], denoised side by side, so the search takes as many forward passes as its longest
-    candidate alone (K times the rows per pass). Each row keeps the candidate whose revealed tokens
-    have the highest mean log-confidence (ties: the earlier length). Every step shows, per row, the
-    candidate leading so far (never done); the last step (done) holds the kept answers.
+    candidate alone, with up to K times the rows (a candidate leaves the batch when its schedule
+    ends). Each row keeps the candidate whose revealed tokens have the highest mean log-confidence
+    (ties: the shorter length). Every step shows, per row, the candidate leading so far (never
+    done); the last step (done) holds the kept answers.
     """
     config = config or GenerationConfig()
     G = config.gen_length

@@ -207,7 +207,7 @@ def test_length_search_keeps_each_rows_most_confident_candidate(sharp_model, pro
         assert [n for _, n in running[-1][1]] == [L, L]  # every free slot revealed once
         runs.append(running)
 
-    def leader(i, row):  # the candidate with the best mean log-confidence after step i (ties: the earlier)
+    def leader(i, row):  # the candidate with the best mean log-confidence after step i (ties: the shorter)
         means = [run[min(i, len(run)) - 1][1][row] for run in runs]
         return max(range(len(lengths)), key=lambda k: (means[k][0] / max(means[k][1], 1), -k))
 
