@@ -187,6 +187,21 @@ def test_generate_equal_on_both_back_ends(tiny_onnx, tiny_loaded, mode):
     _generate_equal(generation, tiny_onnx, tiny_loaded, mode, gen_length=16, block_length=8)
 
 
+@pytest.mark.parametrize("mode", [dict(cache="dual"), dict(cache="prefix", cfg_scale=1.0)])
+def test_length_search_equal_on_both_back_ends(tiny_onnx, tiny_loaded, mode):
+    """Candidates 3..6 leave the batch at different steps of the first block: each back end's K/V cache
+    loses their rows as they go."""
+    generation = pytest.importorskip("llada_app.generation")
+    tok, ids = tiny_loaded.tokenizer, tiny_loaded.ids
+    prompt, mask = generation.pad_prompts([tok("From fairest creatures")["input_ids"],
+                                           tok("When forty winters shall besiege thy brow,")["input_ids"]], ids.pad)
+    config = generation.GenerationConfig(gen_length=16, block_length=8, steps=16, temperature=0.0, **mode)
+    kw = dict(mask_id=ids.mask, eos_id=ids.eos, eot_id=ids.eot)
+    want = generation.generate_length_search(TorchDenoiser(tiny_loaded.model), prompt, mask, config, range(3, 7), **kw)
+    got = generation.generate_length_search(tiny_onnx, prompt, mask, config, range(3, 7), **kw)
+    assert torch.equal(want, got), f"ONNX and PyTorch disagree in mode {mode}"
+
+
 def _generate_equal(generation, onnx_denoiser, loaded, mode, gen_length, block_length, prompts=None):
     tok = loaded.tokenizer
     prompts = prompts or [tok("From fairest creatures")["input_ids"],
