@@ -178,19 +178,20 @@ class Studio:
         return json.loads(meta.read_text()).get("config", {}).get("answer_slots")
 
     @cached_property
-    def poem_lengths(self) -> str:
-        """The poem tab's length search, "MIN:MAX": the line lengths of the model's SFT sonnets (models
-        trained here); "" (one fixed gen length) for other models."""
+    def answer_lengths(self) -> str:
+        """The default length search of both tabs, "MIN:MAX": the line lengths of the model's SFT sonnets
+        (models trained here); "" (one fixed gen length) for other models."""
         if not self.answer_slots:
             return ""
         lengths = poems.sft_line_lengths(self.corpus, self.mdm.tokenizer)
         return f"{lengths.start}:{lengths.stop - 1}"
 
     def default_settings(self) -> ChatSettings:
-        """Chat defaults: one block of the fine-tuning answer length when known (what the model saw)."""
+        """Chat defaults: one block of the fine-tuning answer length when known (what the model saw),
+        searched over the answer lengths it was fine-tuned on."""
         if self.answer_slots:
             n = int(self.answer_slots)
-            return ChatSettings(gen_length=n, steps=n, block_length=n)
+            return ChatSettings(gen_length=n, steps=n, block_length=n, lengths=self.answer_lengths)
         return ChatSettings()
 
     def expected_line(self, line: str, direction: str) -> str | None:
@@ -344,7 +345,10 @@ class Studio:
         if not lengths:
             steps = sample_steps(denoiser, prompt_ids, None, config, mask_id=ids.mask, eos_id=ids.eos, eot_id=ids.eot)
         canvas = initial_sequence(prompt_ids, config, ids.mask)[0, len(prompt):].tolist()  # masks + forced words
-        yield from self._frames(steps, self.mdm, denoiser.name, settings, canvas, should_stop)
+        for frame in self._frames(steps, self.mdm, denoiser.name, settings, canvas, should_stop):
+            if lengths:
+                frame.stats += f" · length search {lengths.start}–{lengths.stop - 1} tokens"
+            yield frame
 
     def _stream_arm(self, prompt: list[int], settings: ChatSettings,
                     should_stop: Callable[[], bool] | None = None) -> Iterator[Frame]:

@@ -165,8 +165,10 @@ def build_app(studio: Studio, *, concurrency_limit: int | None = None) -> gr.Blo
                                                 info="0: as fast as the model goes (tokens/s counts compute only)")
                             constraints = gr.Textbox("", label="Word constraints", placeholder="0:Shall, 5:summer",
                                                      info="position:word pairs forced into the answer")
-                            lengths = gr.Textbox("", label="Length search (answer lengths)", placeholder="8:24",
-                                                 info="MIN:MAX tokens: decode each length, keep the most confident")
+                            lengths = gr.Textbox(defaults.lengths, label="Length search (answer lengths)",
+                                                 placeholder="8:24", elem_id="chat-lengths",
+                                                 info="MIN:MAX tokens: decode each length, keep the most "
+                                                      "confident; empty: the gen length decides")
                         gr.HTML(LEGEND)
                 controls = [gen_length, steps, block_length, temperature, cfg_scale, remasking, mode,
                             threshold, animate, pace_ms, constraints, lengths]
@@ -249,7 +251,7 @@ def build_app(studio: Studio, *, concurrency_limit: int | None = None) -> gr.Blo
                         poem_animate = gr.Checkbox(value=True, label="Animate")
                         poem_pace = gr.Slider(0, 200, value=PACE_MS / 2, step=5,
                                               label="Pace (ms per step, each model)", elem_id="poem-pace")
-                        poem_lengths = gr.Textbox(studio.poem_lengths, label="MDM length search (MIN:MAX tokens)",
+                        poem_lengths = gr.Textbox(studio.answer_lengths, label="MDM length search (MIN:MAX tokens)",
                                                   info="empty: one fixed gen length", elem_id="poem-lengths")
                     poem_result = gr.JSON(label="Result")
                 rows, labels = poem_examples(studio)

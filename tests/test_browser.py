@@ -145,6 +145,8 @@ def test_browser_stop_ends_the_answer_between_steps(app, app_models):
             for slider in ("#gen-length", "#steps"):
                 page.fill(f"{slider} input[type=number]", str(length))
                 page.press(f"{slider} input[type=number]", "Enter")
+            page.click("text=More settings")
+            page.fill("#chat-lengths textarea", "")  # the gen length decides, not a length search
             page.fill("#message textarea", "Tell me a long story.")
             page.click("#send")
             page.wait_for_selector("#chatbot .ld-new", timeout=30_000)

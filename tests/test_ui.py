@@ -177,11 +177,15 @@ def test_length_search_answers_within_the_lengths_and_refuses_bad_ones(studio, s
     frames = list(studio.stream_chat([], "hello", ChatSettings(**FAST, lengths="6:8")))
     assert frames[-1].done and frames[-1].nfe == 8  # candidates side by side: the longest one's passes
     assert [f.done for f in frames].count(True) == 1
-    if studio.answer_slots:  # a model trained here: the poem tab searches its SFT line lengths
+    assert all(f.stats.endswith(" · length search 6–8 tokens") for f in frames[1:])
+    _, stats = chat(Client(server, verbose=False), "hello")  # the page's and the API's default
+    if studio.answer_slots:  # a model trained here: both tabs search its SFT line lengths by default
         r = poems.sft_line_lengths(studio.corpus, studio.mdm.tokenizer)
-        assert studio.poem_lengths == f"{r.start}:{r.stop - 1}"
+        assert studio.answer_lengths == studio.default_settings().lengths == f"{r.start}:{r.stop - 1}"
+        assert stats.endswith(f" · length search {r.start}–{r.stop - 1} tokens")
     else:
-        assert studio.poem_lengths == ""
+        assert studio.answer_lengths == studio.default_settings().lengths == ""
+        assert "length search" not in stats
     with pytest.raises(AppError, match="length search: answer lengths take MIN:MAX"):
         chat(Client(server, verbose=False), "hello", lengths="8")
     with pytest.raises(AppError, match="length search: candidate lengths must be in"):
