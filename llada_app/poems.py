@@ -13,7 +13,7 @@ import argparse
 import json
 import string
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -191,13 +191,16 @@ class ChatAnswerer:
         if not self.causal:
             self.config.validate(self.denoiser.max_length, 1)
 
-    def __call__(self, conversations: list[list[dict]]) -> list[str]:
+    def __call__(self, conversations: list[list[dict]],
+                 progress: Callable[[float], None] = lambda f: None) -> list[str]:
+        """-> the answers; `progress` gets the fraction answered after each batch."""
         n = self.batch_size  # rows per forward pass: a length search makes each prompt one row per candidate
         if self.length_search and not self.causal:
             n = max(1, n // len(self.length_search))
         out = []
         for k in range(0, len(conversations), n):
             out += self._batch(conversations[k:k + n])
+            progress(len(out) / len(conversations))
         return out
 
     def _batch(self, conversations: list[list[dict]]) -> list[str]:
@@ -254,15 +257,19 @@ def infill_accuracy(model, tokenizer, ids, pairs: list[tuple[str, str]]) -> tupl
 def evaluate(model, tokenizer, ids, corpus: PoemCorpus, split: str = "heldout", limit: int | None = None,
              name: str = "model", gen_length: int = GEN_LENGTH, multiturn: bool = True,
              infill: bool = False, block_length: int | None = None,
-             length_search: Sequence[int] | None = None) -> EvalResult:
+             length_search: Sequence[int] | None = None,
+             progress: Callable[[float], None] = lambda f: None) -> EvalResult:
     """Forward / reversal / follow-up exact match on the adjacent line pairs of `split`'s sonnets;
     with `infill`, a masked-diffusion model also gets the knowledge probe (`infill_accuracy`);
-    `length_search`: candidate answer lengths for the MDM (`generation.generate_length_search`)."""
+    `length_search`: candidate answer lengths for the MDM (`generation.generate_length_search`);
+    `progress` gets the fraction of the chat questions answered."""
     answer = ChatAnswerer(model, tokenizer, ids, gen_length, block_length=block_length, length_search=length_search)
     pairs = _pairs(corpus.split(split), limit)
     fwd_q = [[{"role": "user", "content": question(a, "next")}] for a, _ in pairs]
     rev_q = [[{"role": "user", "content": question(b, "previous")}] for _, b in pairs]
-    fwd_a, rev_a = answer(fwd_q), answer(rev_q)
+    share = 0.25 if multiturn else 0.5  # of the progress, per direction (the follow-ups take the other half)
+    fwd_a = answer(fwd_q, lambda f: progress(share * f))
+    rev_a = answer(rev_q, lambda f: progress(share * (1 + f)))
     fwd_ok = [normalise(x) == normalise(b) for x, (_, b) in zip(fwd_a, pairs)]
     rev_ok = [normalise(x) == normalise(a) for x, (a, _) in zip(rev_a, pairs)]
     follow_ok: list[bool] = []
@@ -274,12 +281,13 @@ def evaluate(model, tokenizer, ids, corpus: PoemCorpus, split: str = "heldout", 
         for (a, b), (_, c) in chains:
             convs.append(([{"role": "user", "content": question(a, "next")}], c, "next"))
             convs.append(([{"role": "user", "content": question(c, "previous")}], a, "previous"))
-        first = answer([c for c, _, _ in convs])
+        first = answer([c for c, _, _ in convs], lambda f: progress(0.5 + 0.25 * f))
         second_q = [c + [{"role": "assistant", "content": f},
                          {"role": "user", "content": followup_question(d)}]
                     for (c, _, d), f in zip(convs, first)]
-        second = answer(second_q) if second_q else []
+        second = answer(second_q, lambda f: progress(0.75 + 0.25 * f)) if second_q else []
         follow_ok = [normalise(x) == normalise(e) for x, (_, e, _) in zip(second, convs)]
+    progress(1.0)  # also when there was no follow-up chain to ask
     samples = [dict(question=q[0]["content"], expected=b, answer=x)
                for q, x, (_, b) in list(zip(fwd_q, fwd_a, pairs))[:3]]
     samples += [dict(question=q[0]["content"], expected=a, answer=x)
@@ -347,6 +355,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.limit is not None and args.limit < 1:
         parser.error("--limit must be >= 1")
 
+    from tqdm import tqdm
+
     from .generation import parse_lengths
     from .loading import load_model
 
@@ -359,10 +369,13 @@ def main(argv: list[str] | None = None) -> None:
         try:
             lengths = (sft_line_lengths(corpus, loaded.tokenizer) if args.length_search == "train"
                        else parse_lengths(args.length_search or ""))
-            results.append(evaluate(loaded.model, loaded.tokenizer, loaded.ids, corpus, args.split, args.limit,
-                                    name=f"{loaded.name} [{kind}]", gen_length=gen_length,
-                                    multiturn=not args.no_multiturn, infill=args.infill,
-                                    block_length=args.block_length, length_search=lengths))
+            with tqdm(total=100, desc=f"{loaded.name} [{kind}]", unit="%", bar_format="{l_bar}{bar}| {elapsed}",
+                      disable=args.json or not sys.stderr.isatty()) as bar:
+                results.append(evaluate(loaded.model, loaded.tokenizer, loaded.ids, corpus, args.split, args.limit,
+                                        name=f"{loaded.name} [{kind}]", gen_length=gen_length,
+                                        multiturn=not args.no_multiturn, infill=args.infill,
+                                        block_length=args.block_length, length_search=lengths,
+                                        progress=lambda f: bar.update(round(100 * f) - bar.n)))
         except ValueError as e:  # decoding settings the sampler refuses
             parser.error(str(e))
     if args.json:

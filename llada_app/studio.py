@@ -253,15 +253,23 @@ class Studio:
 
     def evaluate(self, split: str = "heldout", limit: int | None = None,
                  progress: Callable[[float, str], None] = lambda f, d: None) -> list[dict]:
-        """The training issue's forward / reversal evaluation for the MDM and (if loaded) the ARM, in %."""
+        """The training issue's forward / reversal evaluation for the MDM and (if loaded) the ARM, in %.
+        The MDM decodes as the poem tab does by default (with its length search, if any)."""
+        from .generation import parse_lengths
+
         limit = limit if limit is not None else self.eval_limit
         gen_length = self.answer_slots or poems.GEN_LENGTH
+        lengths = parse_lengths(self.answer_lengths)
         models = [("MDM", self.mdm)] + ([("ARM", self.arm)] if self.arm is not None else [])
         rows = []
         for k, (kind, loaded) in enumerate(models):
-            progress(k / len(models), f"evaluating the {kind} ({loaded.name}) on the {split} sonnets")
+            what = f"evaluating the {kind} ({loaded.name}) on the {split} sonnets"
+            progress(k / len(models), what)
+            search = lengths if kind == "MDM" else None
+            name = loaded.name + (f", length search {self.answer_lengths}" if search else "")
             r = poems.evaluate(loaded.model, loaded.tokenizer, loaded.ids, self.corpus, split, limit,
-                               name=f"{loaded.name} [{kind}]", gen_length=gen_length, multiturn=False)
+                               name=f"{name} [{kind}]", gen_length=gen_length, multiturn=False,
+                               length_search=search, progress=lambda f: progress((k + f) / len(models), what))
             rows.append(dict(model=r.model, forward=round(100 * r.forward, 1), reversal=round(100 * r.reversal, 1),
                              pairs=r.n_pairs))
         progress(1.0, "done")

@@ -58,7 +58,7 @@ class _Oracle:
     def __init__(self, corpus, wrong_direction=None):
         self.corpus, self.wrong = corpus, wrong_direction
 
-    def __call__(self, conversations):
+    def __call__(self, conversations, progress=lambda f: None):
         out = []
         for conv in conversations:
             line, direction = None, None
@@ -69,6 +69,7 @@ class _Oracle:
                 elif m["role"] == "assistant":
                     line = m["content"]
             out.append("" if direction == self.wrong else self.corpus.expected(line, direction).upper())
+            progress(len(out) / len(conversations))
         return out
 
 
@@ -77,8 +78,10 @@ def test_evaluate_scores_exact_matches(monkeypatch, tiny_model, tiny_tokenizer):
     import llada_app.poems as poems
 
     monkeypatch.setattr(poems, "ChatAnswerer", lambda *a, **k: _Oracle(corpus, wrong_direction="previous"))
-    r = evaluate(None, None, None, corpus, "heldout", limit=None)
+    seen = []
+    r = evaluate(None, None, None, corpus, "heldout", limit=None, progress=seen.append)
     assert (r.forward, r.reversal, r.n_pairs) == (1.0, 0.0, 65)
+    assert seen == sorted(seen) and seen[0] > 0 and seen[-1] == 1.0 and 0.5 in seen  # directions, then follow-ups
     assert 0.4 < r.multiturn < 0.6  # forward chains right, backward chains wrong
     assert "| model (heldout) | 100.0 | 0.0 |" in format_table([r])
 
@@ -94,6 +97,9 @@ def test_chat_answerer_runs_both_decoders(tiny_model, tiny_tokenizer):
     arm = ChatAnswerer(causal, tiny_tokenizer, ids, gen_length=8)(conv)
     assert len(mdm) == len(arm) == 2 and all(isinstance(a, str) for a in mdm + arm)
     assert mdm[0] == mdm[1]  # greedy decoding of the same prompt
+    seen = []
+    assert ChatAnswerer(tiny_model, tiny_tokenizer, ids, gen_length=8, batch_size=1)(conv, seen.append) == mdm
+    assert seen == [0.5, 1.0]  # after each batch
 
 
 def test_chat_answerer_semi_autoregressive_blocks(tiny_model, tiny_tokenizer, capsys):

@@ -15,6 +15,7 @@ from gradio_client.exceptions import AppError
 from ui_support import free_port, mask_count, message_text, strip_tags
 
 from llada_app import poems
+from llada_app.generation import parse_lengths
 from llada_app.studio import DECODING_MODES, MASK_GLYPH, ChatSettings, Stopped, build_studio, render_canvas
 from llada_app.tokenization import chat_prompt_ids, decode_answer
 from llada_app.ui import build_app, launch
@@ -359,6 +360,13 @@ def test_evaluation_table_and_chart(server, studio):
     assert kinds == ["MDM]", "ARM]"]
     assert all(0 <= row[1] <= 100 and 0 <= row[2] <= 100 and row[3] == 8 for row in table["data"])
     assert plot["type"] == "matplotlib" and plot["plot"]
+    # the MDM is scored as the poem tab answers: with its default length search, if it has one
+    lengths = parse_lengths(studio.answer_lengths)
+    mdm = studio.mdm
+    want = poems.evaluate(mdm.model, mdm.tokenizer, mdm.ids, studio.corpus, "heldout", 8, multiturn=False,
+                          gen_length=studio.answer_slots or poems.GEN_LENGTH, length_search=lengths)
+    assert table["data"][0][1:3] == [round(100 * want.forward, 1), round(100 * want.reversal, 1)]
+    assert ("length search" in table["data"][0][0]) == bool(lengths)
 
 
 # ---------------------------------------------------------------------------------- back ends
