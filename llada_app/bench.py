@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .generation import GenerationConfig, generate, generate_arm, generate_length_search, pad_prompts, parse_lengths
+from .generation import (GenerationConfig, format_lengths, generate, generate_arm, generate_length_search, pad_prompts,
+                         parse_lengths)
 from .loading import BUNDLED_MODELS, DEFAULT_MODEL, LoadedModel
 from .tokenization import answer_tokens, chat_prompt_ids, decode_answer
 
@@ -325,7 +326,7 @@ def run_bench(args) -> dict:
                          agree_answers=sum(a == b for a, b in zip(toks, vanilla_toks)) / n,
                          config={k: v for k, v in asdict(job.config).items() if v not in (None, False)})
             if job.lengths:
-                extra["config"]["lengths"] = f"{job.lengths.start}:{job.lengths.stop - 1}"
+                extra["config"]["lengths"] = format_lengths(job.lengths)
         rows.append(Row(job.name, nfe, wall, wall / n, produced / wall, cpu_s=cpu, accuracy=_accuracy(texts, prompts),
                         denoiser_s=den, ms_per_forward=1e3 * den / (nfe * len(job.batches)),
                         overhead_pct=100 * (wall - den) / wall, **extra))

@@ -142,6 +142,11 @@ def parse_lengths(text: str) -> range | None:
     return range(lo, hi + 1)
 
 
+def format_lengths(lengths: range) -> str:
+    """The inverse of parse_lengths: range(8, 25) -> "8:24"."""
+    return f"{lengths.start}:{lengths.stop - 1}"
+
+
 def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Left-pad lists of ids to one length -> ids [B, P], attention mask [B, P] (None without padding)."""
     if not prompts or any(len(p) == 0 for p in prompts):

@@ -183,8 +183,9 @@ class Studio:
         (models trained here); "" (one fixed gen length) for other models."""
         if not self.answer_slots:
             return ""
-        lengths = poems.sft_line_lengths(self.corpus, self.mdm.tokenizer)
-        return f"{lengths.start}:{lengths.stop - 1}"
+        from .generation import format_lengths
+
+        return format_lengths(poems.sft_line_lengths(self.corpus, self.mdm.tokenizer))
 
     def default_settings(self) -> ChatSettings:
         """Chat defaults: one block of the fine-tuning answer length when known (what the model saw),
