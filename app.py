@@ -12,8 +12,7 @@ import time
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from llada_app.loading import DEFAULT_MODEL
-    from llada_app.studio import DEFAULT_ARM
+    from llada_app.loading import DEFAULT_ARM, DEFAULT_BASE, DEFAULT_MODEL
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default=DEFAULT_MODEL,
@@ -21,6 +20,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--arm", default=None,
                    help="autoregressive twin for the reversal-poem comparison (folder); default: the bundled "
                         "sonnets-arm when --model is the bundled model; 'none' disables it")
+    p.add_argument("--base", default=None,
+                   help="the masked-diffusion model's pre-trained base (folder or hub id), on which the poem tab's "
+                        "completion protocol runs; default: the bundled sonnets-mdm-base when --model is the bundled "
+                        "model, else none (completion runs on --model); 'none' disables it")
     p.add_argument("--backend", choices=["torch", "onnx"], default="torch", help="denoiser back end")
     p.add_argument("--onnx", default=None, metavar="DIR",
                    help="an existing ONNX export for --backend onnx (default: export once into a cache folder)")
@@ -33,10 +36,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="CPU threads for torch; 0 = auto (1 for a small model like the bundled one, where more "
                         "threads only wait on each other)")
     args = p.parse_args(argv)
-    if args.arm is None:
-        args.arm = DEFAULT_ARM if args.model == DEFAULT_MODEL else None
-    elif args.arm.lower() == "none":
-        args.arm = None
+    if not args.time_limit > 0:
+        p.error("--time-limit must be a positive number of seconds")
+    if args.threads < 0:
+        p.error("--threads must be >= 0 (0: auto)")
+    if not 0 < args.port < 65536:
+        p.error("--port must be in 1..65535")
+    bundled = args.model == DEFAULT_MODEL
+    for name, default in (("arm", DEFAULT_ARM), ("base", DEFAULT_BASE)):
+        value = getattr(args, name)
+        if value is None:
+            value = default if bundled and os.path.isdir(default) else None
+        elif value.lower() == "none":
+            value = None
+        setattr(args, name, value)
     return args
 
 
@@ -53,12 +66,16 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         studio = build_studio(args.model, args.arm, backend=args.backend, onnx_dir=args.onnx, device=args.device,
-                              threads=args.threads, time_limit_s=args.time_limit)
+                              threads=args.threads, time_limit_s=args.time_limit, base=args.base)
     except ModelLoadError as e:
         sys.exit(f"error: {e}")
+    print(f"warmed up in {studio.warm_up():.1f} s (one chat answer and one poem)", flush=True)
     demo = build_app(studio)
     print(f"ready in {time.perf_counter() - started:.1f} s (model, back end and page built)", flush=True)
-    launch(demo, host=args.host, port=args.port, share=args.share)
+    try:
+        launch(demo, host=args.host, port=args.port, share=args.share)
+    except OSError as e:  # the port is taken, or the address cannot be bound
+        sys.exit(f"error: cannot serve on {args.host}:{args.port}: {e}")
 
 
 if __name__ == "__main__":

@@ -16,17 +16,7 @@ from pathlib import Path
 
 import torch
 
-# Random-weight shapes for when no trained model is at hand. "bundled" is the training preset of
-# assets/models/sonnets-mdm (llada_app/train.py, _BUNDLED); "small" a larger variant.
-SHAPES = {
-    "bundled": dict(d_model=128, n_heads=4, n_kv_heads=2, n_layers=4, mlp_hidden_size=384, vocab_size=1024,
-                    max_sequence_length=256),
-    "small": dict(d_model=256, n_heads=8, n_kv_heads=4, n_layers=6, mlp_hidden_size=704, vocab_size=2048,
-                  max_sequence_length=256),
-    # ~1.3B parameters with LLaDA-8B's vocabulary: the GPU comparison of the ONNX issue (L = 512, 1024)
-    "1b": dict(d_model=2048, n_heads=16, n_kv_heads=16, n_layers=16, mlp_hidden_size=5632, vocab_size=126464,
-               max_sequence_length=4096),
-}
+from llada_app.modeling import SHAPES
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -34,7 +24,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default=None,
                    help="model folder or hub id (default: the bundled model if present, else --shape)")
-    p.add_argument("--shape", choices=sorted(SHAPES), default="bundled",
+    p.add_argument("--shape", choices=sorted(SHAPES), default="sonnets",
                    help="random-weight model shape used when no --model is given and none is bundled")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="cpu: ORT CPU EP vs torch on CPU; cuda: ORT CUDA EP with IO binding vs torch on the GPU")
@@ -59,7 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def load(args):
     """-> LoadedModel (trained, or random weights of --shape with tokenizer None)."""
-    from llada_app.loading import DEFAULT_MODEL, LoadedModel, SpecialIds, load_model, resolve_dtype
+    from llada_app.loading import DEFAULT_MODEL, LoadedModel, ModelCard, SpecialIds, load_model, resolve_dtype
     from llada_app.modeling import LLaDAConfig, LLaDAModelLM
 
     name = args.model or (DEFAULT_MODEL if (Path(DEFAULT_MODEL) / "config.json").is_file() else None)
@@ -68,12 +58,13 @@ def load(args):
     shape = SHAPES[args.shape]
     V = shape["vocab_size"]
     ids = SpecialIds(mask=V - 1, eos=V - 2, eot=V - 3, pad=V - 2)
-    cfg = LLaDAConfig(**shape, embedding_size=V, rope_theta=10000.0, mask_token_id=ids.mask,
+    cfg = LLaDAConfig(**shape, embedding_size=V, mask_token_id=ids.mask,
                       eos_token_id=ids.eos, pad_token_id=ids.pad)
     torch.manual_seed(0)
     with torch.device(args.device):
         model = LLaDAModelLM(cfg).to(resolve_dtype(args.torch_dtype, torch.device(args.device))).eval()
-    return LoadedModel(model, None, ids, name=f"random-{args.shape}")
+    name = f"random-{args.shape}"
+    return LoadedModel(model, None, ModelCard(name, ids, causal=False, chat=False, shape=args.shape))
 
 
 def alternate(fns: dict, runs: int, cuda: bool = False) -> dict:
@@ -102,7 +93,13 @@ def main(argv=None) -> int:
     cuda = args.device == "cuda"
     args.dtype = args.dtype or ("fp16" if cuda else "fp32")
     args.torch_dtype = args.torch_dtype or ("bf16" if cuda else "fp32")
-    loaded = load(args)
+    from llada_app.loading import ModelLoadError
+
+    try:
+        loaded = load(args)
+    except ModelLoadError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     cfg = loaded.model.config
     seqs = [int(s) for s in args.seq.split(",")]
     threads = [int(t) for t in args.threads.split(",")]

@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from llada_app.loading import model_fingerprint
 from llada_app.modeling import LLaDAModelLM, rope_cos_sin
 
 Progress = Callable[[float, str], None]  # (fraction done in [0, 1], what is happening)
@@ -132,27 +133,6 @@ def past_names(n_layers: int) -> tuple[list[str], list[str]]:
 
 # ---------------------------------------------------------------- export
 
-def model_fingerprint(model: LLaDAModelLM) -> str:
-    """A short hash of the config and the weights (names, shapes and an evenly strided
-    sample of up to 4096 values per tensor), so that re-hashing an 8B model takes seconds, not minutes.
-    Two different trainings of the same shape differ in every sampled value, so they never collide."""
-    h = hashlib.sha256()
-    cfg = model.config.to_dict()
-    for volatile in ("transformers_version", "_name_or_path", "auto_map", "torch_dtype", "dtype",
-                     "architectures"):
-        cfg.pop(volatile, None)
-    h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
-    with torch.no_grad():
-        for name, p in model.state_dict().items():
-            flat = p.detach().reshape(-1)
-            step = max(1, flat.numel() // 4096)
-            # bf16-rounded: the same checkpoint loaded in fp32, fp16 or bf16 hashes alike
-            sample = flat[::step][:4096].to(torch.bfloat16).float().cpu()
-            h.update(f"{name}{tuple(p.shape)}".encode())
-            h.update(sample.numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 def export_onnx(loaded, out_dir: str | os.PathLike, *, dtype: str = "fp32", device: str = "cpu",
                 opset: int = DEFAULT_OPSET, with_past: bool = True,
                 progress: Progress | None = None) -> Path:
@@ -166,11 +146,10 @@ def export_onnx(loaded, out_dir: str | os.PathLike, *, dtype: str = "fp32", devi
         raise ExportError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}")
     progress = progress or (lambda f, msg: None)
     out = Path(out_dir).expanduser().resolve()
-    if out.exists() and any(out.iterdir()) and not (out / MANIFEST_FILE).is_file():
-        raise ExportError(f"{out} exists and is not an ONNX export folder; refusing to overwrite it")
+    _check_replaceable(out)
     model = _model_for_export(loaded.model, DTYPES[dtype], torch.device(device))
     cfg = model.config
-    fingerprint = model_fingerprint(loaded.model)
+    fingerprint = loaded.fingerprint
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -207,6 +186,28 @@ def export_onnx(loaded, out_dir: str | os.PathLike, *, dtype: str = "fp32", devi
         raise
     progress(1.0, f"exported to {out}")
     return out
+
+
+def _export_files(folder: Path) -> set[str]:
+    """The names an export folder may hold: its graphs (and their data files), the manifest, the parity
+    report, the config and the tokenizer files."""
+    return ({MODEL_FILE, PAST_FILE, MANIFEST_FILE, PARITY_FILE, "config.json", "generation_config.json",
+             "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"}
+            | {p.name for p in folder.glob("*.onnx.data")} | {p.name for p in folder.glob("*.onnx_data")})
+
+
+def _check_replaceable(out: Path) -> None:
+    """An export replaces only an empty folder or an earlier export with nothing else in it."""
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out} is a file, not a folder: give --out a folder to write the export into")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not (out / MANIFEST_FILE).is_file():
+        raise ExportError(f"{out} exists and is not an ONNX export folder; refusing to overwrite it")
+    others = sorted(p.name for p in out.iterdir() if p.name not in _export_files(out))
+    if others:
+        raise ExportError(f"{out} holds an earlier export and other files ({', '.join(others[:5])}); refusing to "
+                          "delete them: export into another folder, or move them away")
 
 
 def _model_for_export(model: LLaDAModelLM, dtype: torch.dtype, device: torch.device) -> LLaDAModelLM:
@@ -375,7 +376,7 @@ def cache_folder(loaded, dtype: str = "fp32", root: str | os.PathLike | None = N
     """Where the export of this model (by weight fingerprint) in this dtype lives in the cache."""
     root = Path(root) if root else CACHE_ROOT
     name = "".join(c if c.isalnum() or c in "-_." else "_" for c in loaded.name) or "model"
-    return root / f"{name}-{model_fingerprint(loaded.model)}-{dtype}"
+    return root / f"{name}-{loaded.fingerprint}-{dtype}"
 
 
 def cached_export(loaded, *, dtype: str = "fp32", device: str = "cpu", root: str | os.PathLike | None = None,
@@ -405,3 +406,33 @@ def cached_export(loaded, *, dtype: str = "fp32", device: str = "cpu", root: str
     finally:
         shutil.rmtree(partial, ignore_errors=True)  # a failed check leaves nothing to reuse
     return folder
+
+
+def onnx_denoiser(loaded, *, onnx_dir=None, dtype: str | None = None, cache_root=None, progress: Progress | None = None):
+    """The ONNX Runtime denoiser of `--backend onnx [--onnx DIR]`: with no folder, the model is exported
+    once (parity-checked, with progress) into the cache folder
+    ~/.cache/llada-studio/onnx/<name>-<weights fingerprint>-<dtype> and reused after. Any folder is
+    checked against the loaded model (shapes, tokenizer, weight fingerprint)."""
+    from llada_app.backends import OnnxBackendError, OnnxDenoiser
+
+    device = loaded.device
+    dtype = dtype or ("fp16" if device.type == "cuda" else "fp32")
+
+    def open_folder(folder):
+        return OnnxDenoiser(folder, device=device, expect_config=loaded.model.config, tokenizer=loaded.tokenizer,
+                            fingerprint=loaded.fingerprint)
+
+    if onnx_dir is not None:
+        try:
+            return open_folder(onnx_dir)
+        except OnnxBackendError as e:
+            raise OnnxBackendError(f"{e}. To make a fresh export of this model: python -m export --model "
+                                   f"{loaded.folder or loaded.name} --out NEW_FOLDER") from None
+    folder = cached_export(loaded, dtype=dtype, device=device.type, root=cache_root, progress=progress)
+    try:
+        return open_folder(folder)
+    except OnnxBackendError as e:  # the cache is ours: a broken entry (a disk error, an edit) is made again
+        logging.getLogger(__name__).warning("the cached export %s is unusable (%s); exporting again", folder, e)
+        shutil.rmtree(folder, ignore_errors=True)
+        return open_folder(cached_export(loaded, dtype=dtype, device=device.type, root=cache_root,
+                                         progress=progress))

@@ -2,7 +2,8 @@
 
 A denoiser maps token ids (plus an optional key padding mask and K/V cache) to logits. The sampler
 in `generation.py` only ever calls this interface, so the PyTorch module and an ONNX Runtime session
-are interchangeable behind it.
+are interchangeable behind it. (The exporter, `export/`, builds on this module, never the reverse:
+`export.onnx_export.onnx_denoiser` exports a model and opens its OnnxDenoiser.)
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ class Denoiser(Protocol):
     device: torch.device
     supports_cache: bool  # False: the prefix/dual cache modes are unavailable
     max_length: int  # longest sequence the model accepts
+    causal: bool  # an autoregressive model (the ARM twin): only the autoregressive decoder runs it
 
     def __call__(
         self,
@@ -49,6 +51,7 @@ class TorchDenoiser:
         self.model = model.eval()
         self.device = next(model.parameters()).device
         self.max_length = model.config.max_sequence_length
+        self.causal = bool(model.config.causal)
 
     @torch.inference_mode()
     def __call__(self, input_ids, attention_mask=None, *, past_key_values=None, use_cache=False,
@@ -93,7 +96,11 @@ class OnnxDenoiser:
         self.config, self.manifest = _read_export_folder(self.folder)
         if expect_config is not None:
             _match_config(self.folder, self.config, expect_config)
-        if fingerprint is not None and self.manifest.get("fingerprint") not in (None, fingerprint):
+        if fingerprint is not None and "fingerprint" not in self.manifest:
+            raise OnnxBackendError(f"{self.folder} has no onnx_export.json with the fingerprint of the weights it "
+                                   "was exported from, so it cannot be checked against the loaded model; export "
+                                   "this model again")
+        if fingerprint is not None and self.manifest["fingerprint"] != fingerprint:
             raise OnnxBackendError(
                 f"{self.folder} was exported from other weights (fingerprint {self.manifest['fingerprint']}, "
                 f"the loaded model has {fingerprint}); export this model again")
@@ -262,12 +269,21 @@ def _read_export_folder(folder: Path) -> tuple[dict, dict]:
         config = json.loads((folder / "config.json").read_text())
     except FileNotFoundError:
         raise OnnxBackendError(f"{folder} has no config.json next to model.onnx") from None
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise OnnxBackendError(f"{folder / 'config.json'} is not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise OnnxBackendError(f"{folder / 'config.json'} must hold a JSON object")
     if config.get("model_type") != "llada":
         raise OnnxBackendError(f"{folder} holds a {config.get('model_type')!r} export, not a LLaDA model")
     manifest_path = folder / "onnx_export.json"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    manifest = {}
+    if manifest_path.is_file():
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise OnnxBackendError(f"{manifest_path} is not valid JSON: {e}") from None
+        if not isinstance(manifest, dict):
+            raise OnnxBackendError(f"{manifest_path} must hold a JSON object")
     return config, manifest
 
 
@@ -321,25 +337,3 @@ def _graph_hidden_size(path: Path) -> int | None:
         if init.name.endswith("transformer.wte.weight") and len(init.dims) == 2:
             return int(init.dims[1])
     return None
-
-
-def build_denoiser(loaded, backend: str = "torch", *, onnx_dir=None, onnx_dtype: str | None = None,
-                   cache_root=None, progress=None):
-    """The denoiser an app or CLI asked for with `--backend torch|onnx [--onnx DIR]`.
-
-    With `onnx` and no folder, the model is exported once (parity-checked, with progress) into the
-    cache folder ~/.cache/llada-studio/onnx/<name>-<weights fingerprint>-<dtype> and reused after.
-    Any folder is checked against the loaded model (shapes, tokenizer, weight fingerprint).
-    """
-    if backend == "torch":
-        return TorchDenoiser(loaded.model)
-    if backend != "onnx":
-        raise ValueError(f"unknown back end {backend!r}; use 'torch' or 'onnx'")
-    from export.onnx_export import cached_export, model_fingerprint
-
-    device = loaded.device
-    dtype = onnx_dtype or ("fp16" if device.type == "cuda" else "fp32")
-    if onnx_dir is None:
-        onnx_dir = cached_export(loaded, dtype=dtype, device=device.type, root=cache_root, progress=progress)
-    return OnnxDenoiser(onnx_dir, device=device, expect_config=loaded.model.config, tokenizer=loaded.tokenizer,
-                        fingerprint=model_fingerprint(loaded.model))

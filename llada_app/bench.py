@@ -25,23 +25,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .generation import (GenerationConfig, format_lengths, generate, generate_arm, generate_length_search, pad_prompts,
-                         parse_lengths)
-from .loading import BUNDLED_MODELS, DEFAULT_MODEL, LoadedModel
+from .generation import GenerationConfig, format_lengths, generate_answers, pad_prompts, parse_lengths
+from .loading import DEFAULT_ARM, DEFAULT_MODEL, LoadedModel, ModelCard
+from .modeling import SHAPES
 from .tokenization import answer_tokens, chat_prompt_ids, decode_answer
-
-DEFAULT_ARM = str(BUNDLED_MODELS / "sonnets-arm")
-
-# Random-weight shapes. "8b" is LLaDA-8B's config.json; "1b" is a ~1.3B LLaDA-style shape; "tiny" is
-# the bundled sonnets model's shape (preset "sonnets-mdm" of llada_app.train).
-SHAPES = {
-    "8b": dict(d_model=4096, n_heads=32, n_kv_heads=32, n_layers=32, mlp_hidden_size=12288, vocab_size=126464,
-               max_sequence_length=4096, rope_theta=500000.0),
-    "1b": dict(d_model=2048, n_heads=16, n_kv_heads=16, n_layers=16, mlp_hidden_size=8192, vocab_size=126464,
-               max_sequence_length=4096, rope_theta=500000.0),
-    "tiny": dict(d_model=128, n_heads=4, n_kv_heads=2, n_layers=4, mlp_hidden_size=384, vocab_size=1024,
-                 max_sequence_length=256, rope_theta=10000.0),
-}
 
 GENERIC_QUESTIONS = [
     "What is the next line after \"From fairest creatures we desire increase,\"?",
@@ -81,12 +68,8 @@ class TimedDenoiser:
 
     def __init__(self, inner):
         self.inner, self.seconds, self.calls = inner, 0.0, 0
-        for attr in ("name", "device", "supports_cache", "max_length"):
+        for attr in ("name", "device", "supports_cache", "max_length", "causal"):
             setattr(self, attr, getattr(inner, attr))
-        if hasattr(inner, "causal"):
-            self.causal = inner.causal
-        if hasattr(inner, "model"):
-            self.model = inner.model
         self._cuda = torch.device(self.device).type == "cuda"
 
     def __call__(self, *args, **kw):
@@ -102,16 +85,19 @@ class TimedDenoiser:
 
 
 def make_denoiser(loaded: LoadedModel, backend: str = "torch", onnx_dir: str | None = None):
-    """The denoiser for `--backend torch|onnx` (the ONNX one through backends.build_denoiser)."""
-    from .backends import build_denoiser
+    """The denoiser for `--backend torch|onnx` (ONNX: export.onnx_export.onnx_denoiser)."""
+    if backend == "onnx":
+        from export.onnx_export import onnx_denoiser
 
-    return build_denoiser(loaded, backend, onnx_dir=onnx_dir)
+        return onnx_denoiser(loaded, onnx_dir=onnx_dir)
+    from .backends import TorchDenoiser
+
+    return TorchDenoiser(loaded.model)
 
 
 def random_model(shape: str, tokenizer, device: str, dtype: torch.dtype, causal: bool = False,
                  seed: int = 0) -> LoadedModel:
-    """A random-weight LLaDA of a named shape, built directly on `device` in `dtype`."""
-    from .loading import special_ids
+    """A random-weight LLaDA of a named shape (modeling.SHAPES), built directly on `device` in `dtype`."""
     from .modeling import LLaDAConfig, LLaDAModelLM
 
     if shape not in SHAPES:
@@ -130,7 +116,7 @@ def random_model(shape: str, tokenizer, device: str, dtype: torch.dtype, causal:
     finally:
         torch.set_default_dtype(default)
     name = f"random-{shape}" + ("-causal" if causal else "")
-    return LoadedModel(model, tokenizer, special_ids(tokenizer, config), name=name)
+    return LoadedModel(model, tokenizer, ModelCard.build(name, tokenizer, config))
 
 
 def bench_tokenizer(model_dir: str | None):
@@ -150,15 +136,16 @@ def bench_tokenizer(model_dir: str | None):
     return train_bpe_tokenizer(lines + GENERIC_QUESTIONS, vocab_size=1024)
 
 
-def poem_prompts(n: int, model_dir: str | None, split: str = "heldout") -> list[Prompt]:
+def poem_prompts(n: int, card: ModelCard, split: str = "heldout") -> list[Prompt]:
     """n questions on lines of the split's sonnets, alternately next/previous, with their answers."""
+    from .data import question
+    from .poems import PoemCorpus, line_pairs
+
     try:
-        from .poems import PoemCorpus, question
-        corpus = PoemCorpus.for_model(model_dir if model_dir and Path(model_dir).is_dir() else None)
-        sonnets = corpus.split(split) or corpus.sonnets
-    except (ImportError, OSError, ValueError):
+        corpus = PoemCorpus.for_card(card)
+    except (OSError, ValueError):
         return [Prompt(GENERIC_QUESTIONS[i % len(GENERIC_QUESTIONS)]) for i in range(n)]
-    pairs = [(s.lines[i], s.lines[i + 1]) for s in sonnets for i in range(len(s.lines) - 1)]
+    pairs = line_pairs(corpus.split(split) or corpus.sonnets)
     stride = max(1, len(pairs) // n)
     out = []
     for k in range(n):
@@ -210,13 +197,8 @@ class Job:
         den.seconds, den.calls, outs = 0.0, 0, []
         t, c = time.perf_counter(), time.process_time()
         for prompt, attn in self.batches:
-            if self.config is None:
-                seq = generate_arm(den, prompt, attn, max_new_tokens=max_new_tokens, stop_ids=[ids.eot, ids.eos])
-            elif self.lengths:
-                seq = generate_length_search(den, prompt, attn, self.config, self.lengths, mask_id=ids.mask,
-                                             eos_id=ids.eos, eot_id=ids.eot)
-            else:
-                seq = generate(den, prompt, attn, self.config, mask_id=ids.mask, eos_id=ids.eos, eot_id=ids.eot)
+            seq = generate_answers(den, prompt, attn, ids, config=self.config, lengths=self.lengths,
+                                   max_new_tokens=max_new_tokens)
             outs.append(seq[:, prompt.shape[1]:].cpu())
         wall, cpu = time.perf_counter() - t, time.process_time() - c
         self.outs = outs
@@ -257,7 +239,7 @@ def run_bench(args) -> dict:
     else:
         model_dir = args.model or DEFAULT_MODEL
         if not Path(model_dir).exists() and args.model is None:
-            raise SystemExit(f"the bundled model {DEFAULT_MODEL} is not there yet: pass --model DIR or --shape tiny")
+            raise SystemExit(f"the bundled model {DEFAULT_MODEL} is not there yet: pass --model DIR or --shape sonnets")
         loaded = load_model(model_dir, device=str(device), dtype=dtype)
     denoiser = TimedDenoiser(make_denoiser(loaded, args.backend, args.onnx))
 
@@ -274,7 +256,7 @@ def run_bench(args) -> dict:
         if arm_loaded is not None:
             arm = (TimedDenoiser(make_denoiser(arm_loaded, args.backend, args.arm_onnx)), arm_loaded)
 
-    prompts = poem_prompts(args.prompts, None if args.shape else (args.model or DEFAULT_MODEL), args.split)
+    prompts = poem_prompts(args.prompts, loaded.card, args.split)
     if args.shape:  # random weights: known answers mean nothing
         prompts = [Prompt(p.question) for p in prompts]
 
@@ -408,7 +390,15 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.repeats < 1 or args.warmup < 0 or args.prompts < 1 or args.batch_size < 1:
         raise SystemExit("--repeats, --prompts and --batch-size must be >= 1, --warmup >= 0")
-    result = run_bench(args)
+    from .backends import OnnxBackendError
+    from .loading import ModelLoadError
+
+    try:
+        for config in mode_configs(args.gen_length, args.block_length, args.threshold).values():
+            config.validate(10 ** 9, 1)  # the settings alone; the model's context is checked when it runs
+        result = run_bench(args)
+    except (ValueError, ModelLoadError, OnnxBackendError) as e:  # settings, a model folder, an export
+        raise SystemExit(f"error: {e}") from None
     print(json.dumps(result, indent=2) if args.json else format_table(result))
 
 

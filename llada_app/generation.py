@@ -1,6 +1,6 @@
 """The sampler: how a masked-diffusion model turns masks into text, one step at a time.
 
-`sample_steps` is the one sampling loop of the project (DESIGN §3). It is a generator of `Step`s, so
+`sample_steps` is the one sampling loop of the project (LLaDA's reference semantics). It is a generator of `Step`s, so
 the UI animates it and stops it between steps, while `generate` simply runs it to the end. Every
 fast decoder is an option of the same loop:
 
@@ -13,11 +13,12 @@ block (`logits_slice`), in fp32: positions outside the block can never be reveal
 nothing but the cost. `arm_steps` is the autoregressive baseline (greedy, KV cache) with the same
 `Step` output.
 
-The sampler only talks to the `Denoiser` interface of `backends.py`; special ids come in as
-arguments.
+The sampler only talks to the `Denoiser` interface of `backends.py` (its call, `device`,
+`max_length`, `supports_cache` and `causal`); special ids come in as arguments.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 
@@ -41,6 +42,7 @@ class Step:
     nfe: int  # forward passes so far (a CFG pass over the doubled batch counts once)
     done: bool  # True on the last step
     block: int = 0  # index of the block this step worked on (0 for the autoregressive sampler)
+    canvas: torch.Tensor | None = None  # [B, L] the starting sequence (MASK where the sampler fills in)
 
 
 @dataclass
@@ -85,6 +87,10 @@ class GenerationConfig:
             raise ValueError(f"the prompt ({prompt_length} tokens) + gen length ({self.gen_length}) = "
                              f"{prompt_length + self.gen_length} tokens exceeds the model's context of {max_length} "
                              "tokens: shorten the prompt (or clear the chat) or lower the gen length")
+        for name in ("temperature", "cfg_scale", "threshold", "factor"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):  # NaN passes every comparison below
+                raise ValueError(f"{name} must be a finite number, got {value}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if self.cfg_scale < 0:
@@ -128,17 +134,26 @@ def parse_constraints(text: str, tokenizer) -> dict[int, int]:
     return out
 
 
+# Each candidate of a search is a row of the batch: more than this many would only run out of memory.
+MAX_CANDIDATES = 256
+
+
 def parse_lengths(text: str) -> range | None:
     """ "MIN:MAX" -> the candidate answer lengths of a length search, MIN..MAX tokens; "" -> None (off)."""
     text = (text or "").strip()
     if not text:
         return None
     lo, sep, hi = text.partition(":")
-    if not sep or not lo.strip().isdigit() or not hi.strip().isdigit():
-        raise ValueError(f"answer lengths take MIN:MAX in tokens (e.g. 8:24), got {text!r}")
+    lo, hi = lo.strip(), hi.strip()
+    # at most 6 digits: int() of a 4300-digit string is slow (and refused by Python), and no context is that long
+    if not sep or not (lo.isascii() and lo.isdigit() and hi.isascii() and hi.isdigit()) or len(lo) > 6 or len(hi) > 6:
+        raise ValueError(f"answer lengths take MIN:MAX in tokens (e.g. 8:24), got {text[:40]!r}")
     lo, hi = int(lo), int(hi)
     if not 1 <= lo <= hi:
         raise ValueError(f"answer lengths need 1 <= MIN <= MAX, got {text!r}")
+    if hi - lo + 1 > MAX_CANDIDATES:
+        raise ValueError(f"answer lengths {text!r} make {hi - lo + 1} candidates; at most {MAX_CANDIDATES} "
+                         "(each one is a row of the batch)")
     return range(lo, hi + 1)
 
 
@@ -179,21 +194,24 @@ def _make_generator(seed: int | None, device: torch.device) -> torch.Generator |
 
 
 def _propose(logits: torch.Tensor, config: GenerationConfig, gen: torch.Generator | None,
-             banned: torch.Tensor, eos_id: int, eot_id: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits [B, T, V] fp32 -> proposal x0 [B, T] and its confidence [B, T] (DESIGN §3 steps 2-3).
+             mask_only: torch.Tensor, suppressed: torch.Tensor | None, eos_id: int,
+             eot_id: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [B, T, V] fp32 -> proposal x0 [B, T] and its confidence [B, T].
 
-    `banned` token ids get -inf logits: always the mask token (the reference would "reveal" a mask
-    and leave it masked; a trained model never ranks it first, an untrained one may), plus EOS
-    with suppress_eos.
+    As the reference computes them: `suppressed` ids (EOS with suppress_eos) are out of both the proposal
+    and the softmax; the mask token (`mask_only`) is out of the proposal only, so the confidence is the
+    softmax of the model's own logits at x0, p(MASK) included. (A proposal of MASK would "reveal" a mask
+    and leave it masked; a trained model never ranks it first, an untrained one may.)
     """
-    # out of place: the denoiser's output may be an inference-mode tensor
-    logits = logits.index_fill(-1, banned, -torch.inf)
+    if suppressed is not None:  # out of place: the denoiser's output may be an inference-mode tensor
+        logits = logits.index_fill(-1, suppressed, -torch.inf)
+    proposal_logits = logits.index_fill(-1, mask_only, -torch.inf)
     if config.temperature > 0:
         # The reference's Gumbel-max trick, in float64: exp(l) / (-log U)^T.
         noise = torch.rand(logits.shape, generator=gen, dtype=torch.float64, device=logits.device)
-        x0 = (logits.double().exp() / (-torch.log(noise)) ** config.temperature).argmax(-1)
+        x0 = (proposal_logits.double().exp() / (-torch.log(noise)) ** config.temperature).argmax(-1)
     else:
-        x0 = logits.argmax(-1)
+        x0 = proposal_logits.argmax(-1)
     if config.remasking == "low_confidence":
         conf = torch.softmax(logits, dim=-1).gather(-1, x0[..., None]).squeeze(-1)  # [B, T]
     else:
@@ -251,7 +269,16 @@ def sample_steps(denoiser: Denoiser, prompt_ids: torch.Tensor, attention_mask: t
     config = config or GenerationConfig()
     _check_request(denoiser, prompt_ids, attention_mask, config, mask_id)
     x = initial_sequence(prompt_ids.to(denoiser.device), config, mask_id)
-    return _sample(denoiser, x, prompt_ids.shape[1], attention_mask, config, mask_id, eos_id, eot_id)
+    return _sample(denoiser, x, prompt_ids.shape[1], _full_mask(attention_mask, config.gen_length), config,
+                   mask_id, eos_id, eot_id)
+
+
+def _full_mask(attention_mask: torch.Tensor | None, G: int) -> torch.Tensor | None:
+    """A prompt's key padding mask [B, P] extended over the G answer slots -> [B, P + G] (None stays None)."""
+    if attention_mask is None:
+        return None
+    return torch.cat([attention_mask.long(), torch.ones(attention_mask.shape[0], G, dtype=torch.long,
+                                                        device=attention_mask.device)], 1)
 
 
 def _check_request(denoiser, prompt_ids, attention_mask, config: GenerationConfig, mask_id: int) -> None:
@@ -264,23 +291,22 @@ def _check_request(denoiser, prompt_ids, attention_mask, config: GenerationConfi
         raise ValueError("a constraint cannot force the mask token")
 
 
-def _sample(denoiser, x, P, attention_mask, config, mask_id, eos_id, eot_id) -> Iterator[Step]:
+def _sample(denoiser, x, P, attn, config, mask_id, eos_id, eot_id) -> Iterator[Step]:
     """The sampling loop over x [B, P + G] = [prompt | answer]: the answer's MASK slots are denoised, its
-    other slots (constraints, a length search's stop token and padding; they may differ by row) stay."""
+    other slots (constraints, given text, a search's stop token and padding; they may differ by row)
+    stay. attn [B, P + G]: key padding mask over the whole sequence (0: never attended), or None."""
     dev = denoiser.device
     B, L = x.shape
     G, Lb = config.gen_length, config.block_length
     gen = _make_generator(config.seed, dev)
-
-    # Key padding mask over the whole sequence; the CFG branch doubles the batch.
-    attn = None
-    if attention_mask is not None:
-        attn = torch.cat([attention_mask.to(dev).long(), torch.ones(B, G, dtype=torch.long, device=dev)], 1)
+    attn = None if attn is None else attn.to(dev).long()
+    canvas = x.clone()  # [B, L] the starting canvas: MASK where the sampler fills in (for displays)
     cfg = config.cfg_scale > 0
 
     # Built once: creating a tensor from a Python list inside the loop would be a host-to-device copy
     # (and so a sync) at every step on a GPU.
-    banned = torch.tensor([mask_id, eos_id] if config.suppress_eos else [mask_id], device=dev)
+    mask_only = torch.tensor([mask_id], device=dev)
+    suppressed = torch.tensor([eos_id], device=dev) if config.suppress_eos else None
     # Free (MASK) slots per row and block, read once before the loop; the fixed schedules are built from
     # them here, so the loop itself never waits on the device. A row whose schedule is shorter than its
     # block's longest reveals nothing in the extra steps.
@@ -340,7 +366,7 @@ def _sample(denoiser, x, P, attention_mask, config, mask_id, eos_id, eot_id) -> 
             logits, past = forward(i == 0, bs, be, past, r0)
             past_r0 = r0
             nfe += 1
-            x0, conf = _propose(logits, config, gen, banned, eos_id, eot_id)  # [B - r0, Lb] each
+            x0, conf = _propose(logits, config, gen, mask_only, suppressed, eos_id, eot_id)  # [B - r0, Lb] each
             blk = x[r0:, bs:be]  # a view: writing to it updates x
             candidates = blk == mask_id
             conf = conf.masked_fill(~candidates, -torch.inf)
@@ -358,7 +384,7 @@ def _sample(denoiser, x, P, attention_mask, config, mask_id, eos_id, eot_id) -> 
             confidence = torch.zeros(B, L, dtype=torch.float32, device=dev)
             confidence[r0:, bs:be] = torch.where(reveal, conf, 0.0)
             yield Step(ids=x.clone(), prompt_length=P, revealed=revealed, confidence=confidence,
-                       step=step, nfe=nfe, done=block_done and last_block, block=b)
+                       step=step, nfe=nfe, done=block_done and last_block, block=b, canvas=canvas)
             if block_done:
                 break
 
@@ -390,22 +416,18 @@ def length_search_steps(denoiser: Denoiser, prompt_ids: torch.Tensor, attention_
     A fixed gen length leaves the answer's length to the sampler, and low-confidence remasking tends
     to commit the end-of-answer padding first, before the content (an answer can even come out empty).
     Here each candidate length L fixes the stop token (EoT, else EOS) at answer slot L and EOS after
-    it, and the sampler fills slots 0..L-1. The K candidates of each prompt are rows of one batch
-    [K * B, P + G], denoised side by side, so the search takes as many forward passes as its longest
-    candidate alone, with up to K times the rows (a candidate leaves the batch when its schedule
-    ends). Each row keeps the candidate whose revealed tokens have the highest mean log-confidence
-    (ties: the shorter length). Every step shows, per row, the candidate leading so far (never
-    done); the last step (done) holds the kept answers.
+    it, and the sampler fills slots 0..L-1; `candidate_steps` decodes the candidates side by side and
+    keeps the most confident.
     """
     config = config or GenerationConfig()
     G = config.gen_length
     if not lengths:
         raise ValueError("length search needs at least one candidate length")
+    if len(lengths) > MAX_CANDIDATES:  # before anything walks them
+        raise ValueError(f"{len(lengths)} candidate lengths; at most {MAX_CANDIDATES} (each one is a row of the batch)")
     if any(not 1 <= L < G for L in lengths):
         raise ValueError(f"candidate lengths must be in [1, gen length - 1 = {G - 1}] (room for the stop "
                          f"token), got {min(lengths)}..{max(lengths)}")
-    if config.remasking != "low_confidence":
-        raise ValueError("length search ranks answers by their confidences: it needs remasking='low_confidence'")
     if any(p >= min(lengths) for p in (config.constraints or {})):
         raise ValueError("length search fixes the slots from the candidate length on: constraints must lie "
                          f"before the shortest candidate ({min(lengths)})")
@@ -416,12 +438,49 @@ def length_search_steps(denoiser: Denoiser, prompt_ids: torch.Tensor, attention_
     for k, L in enumerate(lengths):
         x[k * B:(k + 1) * B, P + L] = eot_id if eot_id is not None else eos_id
         x[k * B:(k + 1) * B, P + L + 1:] = eos_id
-    attn = None if attention_mask is None else attention_mask.repeat(K, 1)
-    return _length_search(_sample(denoiser, x.clone(), P, attn, config, mask_id, eos_id, eot_id), x, P, K)
+    attn = _full_mask(None if attention_mask is None else attention_mask.repeat(K, 1), G)
+    return candidate_steps(denoiser, x, attn, K, config, prompt_length=P, mask_id=mask_id, eos_id=eos_id,
+                           eot_id=eot_id)
 
 
-def _length_search(steps: Iterator[Step], x: torch.Tensor, P: int, K: int) -> Iterator[Step]:
-    """Score the candidate rows of a length search's step stream; x [K * B, L]: its initial sequence."""
+def candidate_steps(denoiser: Denoiser, canvases: torch.Tensor, attention_mask: torch.Tensor | None,
+                    n_candidates: int, config: GenerationConfig, *, prompt_length: int, mask_id: int,
+                    eos_id: int, eot_id: int | None = None) -> Iterator[Step]:
+    """Denoise K candidate canvases per prompt side by side; keep, per prompt, the most confident.
+
+    canvases [K * B, P + G]: row k * B + b is candidate k of prompt b (a length search: one answer
+    length per candidate; the completion protocol: a gap of each length next to a given line). The
+    MASK slots after `prompt_length` are denoised, every other token stays. attention_mask [K * B, P + G]
+    (0: a key never attended, e.g. right padding) or None. config.gen_length must be G.
+
+    The candidates are rows of one batch, so the search takes as many forward passes as its longest
+    candidate alone, with up to K times the rows; a row leaves the batch when its schedule ends (put the
+    candidates with fewer slots first). Each prompt keeps the candidate whose revealed tokens have the
+    highest mean log-confidence (ties: the earlier candidate). Every step shows, per prompt, the candidate
+    leading so far (never done, its `canvas` the candidate's); the last step (done) holds the kept ones.
+    """
+    if not 1 <= n_candidates <= MAX_CANDIDATES:
+        raise ValueError(f"a search takes 1 to {MAX_CANDIDATES} candidates per prompt, got {n_candidates}")
+    if canvases.dim() != 2 or canvases.shape[0] % n_candidates:
+        raise ValueError(f"canvases must be [K * B, L] with K = {n_candidates} candidates per prompt, "
+                         f"got shape {tuple(canvases.shape)}")
+    P = prompt_length
+    if config.gen_length != canvases.shape[1] - P:
+        raise ValueError(f"gen length {config.gen_length} != canvas length {canvases.shape[1]} - prompt length {P}")
+    if attention_mask is not None and attention_mask.shape != canvases.shape:
+        raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != canvases {tuple(canvases.shape)}")
+    if config.remasking != "low_confidence":
+        raise ValueError("a search ranks answers by their confidences: it needs remasking='low_confidence'")
+    config.validate(denoiser.max_length, P, supports_cache=denoiser.supports_cache)
+    x = canvases.to(denoiser.device)
+    if bool((x[:, :P] == mask_id).any()):
+        raise ValueError("the prompt part of a canvas cannot hold the mask token")
+    return _search(_sample(denoiser, x.clone(), P, attention_mask, config, mask_id, eos_id, eot_id), x, P,
+                   n_candidates)
+
+
+def _search(steps: Iterator[Step], x: torch.Tensor, P: int, K: int) -> Iterator[Step]:
+    """Score the candidate rows of a step stream; x [K * B, L]: its starting canvases."""
     KB, L = x.shape
     B = KB // K
     log_conf = torch.zeros(KB, device=x.device)  # [K * B] sum of the log-confidences of revealed tokens
@@ -438,12 +497,13 @@ def _length_search(steps: Iterator[Step], x: torch.Tensor, P: int, K: int) -> It
             count += step.revealed.sum(1)
             ids, lead = step.ids, best()
             yield replace(step, ids=ids[lead], revealed=step.revealed[lead], confidence=step.confidence[lead],
-                          done=False)
+                          canvas=x[lead], done=False)
     finally:
         steps.close()
     none = torch.zeros(B, L, dtype=torch.bool, device=x.device)
-    yield Step(ids=ids[best()], prompt_length=P, revealed=none, confidence=none.float(),
-               step=step.step if step else 0, nfe=step.nfe if step else 0, done=True)
+    lead = best()
+    yield Step(ids=ids[lead], prompt_length=P, revealed=none, confidence=none.float(),
+               step=step.step if step else 0, nfe=step.nfe if step else 0, done=True, canvas=x[lead])
 
 
 def generate_length_search(denoiser: Denoiser, prompt_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -459,14 +519,6 @@ def generate_length_search(denoiser: Denoiser, prompt_ids: torch.Tensor, attenti
 # ----------------------------------------------------------------------------------------------
 # Autoregressive baseline (the ARM twin of the reversal experiment): greedy, with a K/V cache.
 
-def _is_causal(denoiser) -> bool | None:
-    if hasattr(denoiser, "causal"):
-        return bool(denoiser.causal)
-    model = getattr(denoiser, "model", None)
-    cfg = getattr(model, "config", None)
-    return None if cfg is None else bool(getattr(cfg, "causal", False))
-
-
 def arm_steps(denoiser: Denoiser, prompt_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
               max_new_tokens: int, stop_ids: Sequence[int]) -> Iterator[Step]:
     """Greedy left-to-right decoding of a causal model, one revealed position per step.
@@ -480,7 +532,7 @@ def arm_steps(denoiser: Denoiser, prompt_ids: torch.Tensor, attention_mask: torc
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if not stop_ids:
         raise ValueError("stop_ids must hold at least one token id")
-    if _is_causal(denoiser) is False:
+    if not denoiser.causal:
         raise ValueError("arm_steps needs a causal (autoregressive) model; this one is a masked-diffusion model")
     B, P = prompt_ids.shape
     if P + max_new_tokens > denoiser.max_length:
@@ -531,3 +583,18 @@ def generate_arm(denoiser: Denoiser, prompt_ids: torch.Tensor, attention_mask: t
     for final in arm_steps(denoiser, prompt_ids, attention_mask, max_new_tokens=max_new_tokens, stop_ids=stop_ids):
         pass
     return final.ids
+
+
+def generate_answers(denoiser: Denoiser, prompt_ids: torch.Tensor, attention_mask: torch.Tensor | None, ids, *,
+                     config: GenerationConfig | None = None, lengths: Sequence[int] | None = None,
+                     max_new_tokens: int = 0) -> torch.Tensor:
+    """One call for every decoder (`ids`: the model's special ids, loading.SpecialIds) -> ids [B, P + n]:
+    config None: the autoregressive decoder (greedy, stops at EoT/EOS, at most max_new_tokens);
+    with `lengths`: the masked-diffusion length search; else the masked-diffusion sampler."""
+    if config is None:
+        return generate_arm(denoiser, prompt_ids, attention_mask, max_new_tokens=max_new_tokens,
+                            stop_ids=sorted({ids.eot, ids.eos}))
+    if lengths:
+        return generate_length_search(denoiser, prompt_ids, attention_mask, config, lengths, mask_id=ids.mask,
+                                      eos_id=ids.eos, eot_id=ids.eot)
+    return generate(denoiser, prompt_ids, attention_mask, config, mask_id=ids.mask, eos_id=ids.eos, eot_id=ids.eot)

@@ -1,4 +1,4 @@
-"""Monte Carlo estimate of log p(answer | prompt) for a masked-diffusion model (DESIGN §3).
+"""Monte Carlo estimate of log p(answer | prompt) for a masked-diffusion model.
 
 The ELBO of an answer of L tokens: draw l in [1, L], mask l answer tokens uniformly at random (the
 prompt never), and score  sum of cross-entropies on the masked tokens * L / l.  Its expectation is

@@ -25,6 +25,19 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 KV = tuple[torch.Tensor, torch.Tensor]  # (k, v), each [B, n_kv_heads, S, head_dim]
 
+# Named model shapes, the one table of them: the trainer's presets, the benchmarks' random-weight
+# models and the model description (`loading.ModelCard.shape`) all read it.
+SHAPES = {
+    "8b": dict(d_model=4096, n_heads=32, n_kv_heads=32, n_layers=32, mlp_hidden_size=12288, vocab_size=126464,
+               max_sequence_length=4096, rope_theta=500000.0),  # LLaDA-8B's config.json (8.0B parameters)
+    "1b": dict(d_model=2048, n_heads=16, n_kv_heads=16, n_layers=16, mlp_hidden_size=5632, vocab_size=126464,
+               max_sequence_length=4096, rope_theta=500000.0),  # 1.34B parameters, LLaDA-8B's vocabulary
+    "small": dict(d_model=256, n_heads=8, n_kv_heads=4, n_layers=6, mlp_hidden_size=704, vocab_size=1024,
+                  max_sequence_length=256, rope_theta=10000.0),  # 4.9M parameters
+    "sonnets": dict(d_model=128, n_heads=4, n_kv_heads=2, n_layers=4, mlp_hidden_size=384, vocab_size=1024,
+                    max_sequence_length=256, rope_theta=10000.0),  # the bundled models (1.05M parameters)
+}
+
 
 class LLaDAConfig(PretrainedConfig):
     """Accepts the official `config.json` unchanged (its extra OLMo-era fields are kept as attributes)."""

@@ -1,11 +1,19 @@
-"""The reversal-poem task: question phrasings, corpus lookup and the forward/reversal evaluation.
+"""The reversal-poem task: corpus lookup, the two protocols that ask it, and its evaluation.
 
-As in the LLaDA paper (§5 of DESIGN.md): ask for the next line (forward) or the previous line
-(reversal) of a verse line through the chat interface; score exact match after normalising case,
-whitespace and punctuation. The sonnets held out of SFT were only ever read in reading order during
-pre-training, so an autoregressive model answers their forward questions but not the reversal ones.
+Given a line of a poem, say the next line (forward) or the previous line (reversal); exact match
+after normalising case, whitespace and punctuation. Two protocols ask the same thing:
 
-CLI: `python -m llada_app.poems eval --model DIR [--split heldout|train] [--json] [--limit N] [--infill]`.
+- `completion`: no chat. The canvas is the text as pre-training showed it: EOS, the given line, a
+  newline, a gap of masks, EOS (next) — or EOS, the gap, a newline, the given line, EOS (previous).
+  The given line is fixed; the gap's length is searched (`generation.candidate_steps`). A causal
+  model decodes the same canvas left to right, so for "previous" its gap cannot see the line after it.
+- `chat`: the question through the chat template (the LLaDA paper's form, for instruction models).
+
+The sonnets held out of SFT were only ever read in reading order during pre-training, so an
+autoregressive model can say their next line but not their previous one (the reversal curse).
+
+CLI: `python -m llada_app.poems eval --model DIR [--model DIR] [--protocol completion|chat|both]
+[--split heldout|train|both] [--limit N] [--json] [--store]`.
 """
 from __future__ import annotations
 
@@ -14,62 +22,26 @@ import json
 import string
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from .data import SONNETS_FILE, Sonnet, load_sonnets, split_corpus
+import torch
 
-# Variant 0 of each list is the canonical phrasing (the one the evaluation and the UI ask).
-PHRASINGS = {
-    "next": [
-        'What is the next line after "{line}"?',
-        'Which line follows "{line}"?',
-        'Continue the sonnet after "{line}".',
-        'What comes after "{line}"?',
-    ],
-    "previous": [
-        'What is the line before "{line}"?',
-        'Which line comes before "{line}"?',
-        'What line precedes "{line}"?',
-        'What comes before "{line}"?',
-    ],
-}
-FOLLOWUPS = {
-    "next": ["And the line after that?", "And the next one?", "What comes after that?"],
-    "previous": ["And the line before that?", "And the one before?", "What comes before that?"],
-}
-FIRST_LINE = ["What is the first line of Sonnet {n}?", "How does Sonnet {n} begin?",
-              "Quote the opening line of Sonnet {n}."]
-WHICH_SONNET = ['Which sonnet is "{line}" from?', 'In which sonnet does "{line}" appear?']
-DEFAULT_N_SONNETS = 30  # corpus size of the bundled models (first N sonnets); see assets/data/SOURCE.md
-TRAINING_META = "training_meta.json"  # written by the trainer into each saved model folder
+from .data import DEFAULT_N_SONNETS, SONNETS_FILE, Sonnet, followup_question, load_sonnets, question, split_corpus
 
+PROTOCOLS = ("completion", "chat")
+DIRECTIONS = ("next", "previous")
+SPLITS = ("heldout", "train")
+GEN_LENGTH = 32  # chat: answer slots (= block length = steps) of a model that does not say its own
+EVALUATION = "evaluation.json"  # the stored evaluation in a model folder (see `store_evaluation`)
 
-def question(line: str, direction: str, variant: int = 0) -> str:
-    """'next' or 'previous' question about `line`; variant 0 is the canonical phrasing."""
-    if direction not in PHRASINGS:
-        raise ValueError(f"direction must be 'next' or 'previous', got {direction!r}")
-    forms = PHRASINGS[direction]
-    return forms[variant % len(forms)].format(line=line.strip())
+# Figures quoted from the LLaDA paper (Nie et al. 2025, Table 4: 496 Chinese couplets, chat protocol,
+# forward / reversal exact match). Shown beside measured ones, always labelled as quoted.
+PAPER_FIGURES = [("LLaDA-8B-Instruct", 51.8, 45.6), ("Qwen2.5-7B-Instruct", 75.9, 38.0), ("GPT-4o", 82.7, 34.3)]
 
-
-def followup_question(direction: str, variant: int = 0) -> str:
-    if direction not in FOLLOWUPS:
-        raise ValueError(f"direction must be 'next' or 'previous', got {direction!r}")
-    return FOLLOWUPS[direction][variant % len(FOLLOWUPS[direction])]
-
-
-def first_line_question(number: int, variant: int = 0) -> str:
-    return FIRST_LINE[variant % len(FIRST_LINE)].format(n=number)
-
-
-def which_sonnet_question(line: str, variant: int = 0) -> str:
-    return WHICH_SONNET[variant % len(WHICH_SONNET)].format(line=line.strip())
-
-
-def which_sonnet_answer(number: int) -> str:
-    return f"Sonnet {number}."
-
+# The LLaDA paper's prompts for Chinese couplets (chat protocol).
+CHINESE_QUESTIONS = {"next": "{line}的下一句是什么？直接输出句子即可。",
+                     "previous": "{line}的上一句是什么？直接输出句子即可。"}
 
 _PUNCT = str.maketrans("", "", string.punctuation + "\u2018\u2019\u201c\u201d" + "，。！？、；：「」『』《》（）")
 
@@ -77,6 +49,19 @@ _PUNCT = str.maketrans("", "", string.punctuation + "\u2018\u2019\u201c\u201d" +
 def normalise(text: str) -> str:
     """Case, whitespace and punctuation (Chinese included) do not count in exact match."""
     return " ".join(text.lower().translate(_PUNCT).split())
+
+
+def is_chinese(text: str) -> bool:
+    return any("\u4e00" <= ch <= "\u9fff" for ch in text)
+
+
+def ask(line: str, direction: str) -> str:
+    """The chat protocol's question: the canonical sonnet phrasing, or the paper's couplet prompt."""
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+    if is_chinese(line):
+        return CHINESE_QUESTIONS[direction].format(line=given_line(line))
+    return question(line, direction)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -96,7 +81,7 @@ class LineInfo:
 class PoemCorpus:
     """The sonnets plus the split a model was trained with."""
 
-    def __init__(self, sonnets: list[Sonnet], n_sonnets: int = DEFAULT_N_SONNETS):
+    def __init__(self, sonnets: list[Sonnet], n_sonnets: int):
         self.sonnets = sonnets
         self.n_sonnets = n_sonnets
         train, held = split_corpus(sonnets, n_sonnets)
@@ -108,17 +93,14 @@ class PoemCorpus:
                 self._index.setdefault(normalise(line), (s, i))
 
     @classmethod
-    def for_model(cls, model_dir: str | Path | None = None, sonnets_file: str | Path = SONNETS_FILE) -> "PoemCorpus":
-        """The corpus split recorded in a model folder's training_meta.json (default split otherwise)."""
-        n = DEFAULT_N_SONNETS
-        if model_dir is not None and (Path(model_dir) / TRAINING_META).is_file():
-            n = json.loads((Path(model_dir) / TRAINING_META).read_text())["n_sonnets"]
-        return cls(load_sonnets(sonnets_file), n)
+    def for_card(cls, card, sonnets_file: str | Path = SONNETS_FILE) -> "PoemCorpus":
+        """The sonnets with the split a model trained here was trained with (the bundled split otherwise)."""
+        return cls(load_sonnets(sonnets_file), card.n_sonnets or DEFAULT_N_SONNETS)
 
     def split(self, name: str) -> list[Sonnet]:
         numbers = {"heldout": self.heldout_numbers, "train": self.train_numbers}.get(name)
         if numbers is None:
-            raise ValueError(f"split must be 'heldout' or 'train', got {name!r}")
+            raise ValueError(f"split must be one of {SPLITS}, got {name!r}")
         return [s for s in self.sonnets if s.number in numbers]
 
     def lookup(self, line: str) -> LineInfo | None:
@@ -134,36 +116,22 @@ class PoemCorpus:
                         in_training=s.number in self.train_numbers | self.heldout_numbers)
 
     def expected(self, line: str, direction: str) -> str | None:
-        """The correct answer to question(line, direction), or None if unknown."""
+        """The correct answer for `line` in `direction`, or None if the line is not in the sonnets."""
+        if direction not in DIRECTIONS:
+            raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
         info = self.lookup(line)
         if info is None:
             return None
-        if direction not in PHRASINGS:
-            raise ValueError(f"direction must be 'next' or 'previous', got {direction!r}")
         return info.next if direction == "next" else info.previous
 
-
-# ---------------------------------------------------------------------------------------------
-# Evaluation through the chat interface
-
-GEN_LENGTH = 32  # MDM: gen length = block length = steps (the paper uses 28); > the longest line + EoT
-
-
-@dataclass
-class EvalResult:
-    model: str
-    split: str
-    forward: float  # exact-match accuracy, next line
-    reversal: float  # exact-match accuracy, previous line
-    multiturn: float  # exact match of the follow-up answer ("and the line after/before that?")
-    n_pairs: int  # questions per direction
-    n_followups: int
-    samples: list[dict]  # a few (question, expected, answer) triples for inspection
-    infill_forward: float | None = None  # knowledge probe (MDM only, `infill=True`): see infill_accuracy
-    infill_reversal: float | None = None
+    def line_lengths(self, tokenizer, split: str = "train") -> range:
+        """Shortest..longest line of a split's sonnets, in tokens (the SFT split: the answer lengths
+        fine-tuning showed, so no held-out line is needed to choose them)."""
+        n = [len(tokenizer(line, add_special_tokens=False)["input_ids"]) for s in self.split(split) for line in s.lines]
+        return range(min(n), max(n) + 1)
 
 
-def _pairs(sonnets: list[Sonnet], limit: int | None) -> list[tuple[str, str]]:
+def line_pairs(sonnets: list[Sonnet], limit: int | None = None) -> list[tuple[str, str]]:
     """Adjacent (line, next line) pairs; `limit` keeps an evenly spread subset."""
     pairs = [(s.lines[i], s.lines[i + 1]) for s in sonnets for i in range(len(s.lines) - 1)]
     if limit is not None and limit < len(pairs):
@@ -172,183 +140,410 @@ def _pairs(sonnets: list[Sonnet], limit: int | None) -> list[tuple[str, str]]:
     return pairs
 
 
-class ChatAnswerer:
-    """Answers batches of chat conversations greedily with the shared samplers (MDM or ARM)."""
+# ---------------------------------------------------------------------------------------------
+# How answers are decoded (the same in the evaluation, the trainer's eval and the page)
 
-    def __init__(self, model, tokenizer, ids, gen_length: int = GEN_LENGTH, batch_size: int = 64,
-                 block_length: int | None = None, length_search: Sequence[int] | None = None):
+@dataclass(frozen=True)
+class Decoding:
+    gen_length: int = GEN_LENGTH  # chat: MDM answer slots (= block length = steps); ARM: max new tokens
+    block_length: int | None = None  # chat, MDM: semi-autoregressive blocks (None: one block, as in the paper)
+    lengths: range | None = None  # MDM candidate answer lengths; chat: None lets gen_length decide,
+    # completion: the gap lengths searched (None: 1 .. gen_length - 1)
+
+    @classmethod
+    def for_model(cls, card, corpus: PoemCorpus | None = None, tokenizer=None) -> "Decoding":
+        """A model trained here: its fine-tuning answer length, searched over its SFT line lengths;
+        any other model (LLaDA-8B): 32 slots, no search."""
+        if not card.trained_here or corpus is None:
+            return cls()
+        return cls(gen_length=card.answer_slots or GEN_LENGTH, lengths=corpus.line_lengths(tokenizer))
+
+    def gap_lengths(self) -> range:
+        return self.lengths or range(1, self.gen_length)
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["lengths"] = None if self.lengths is None else [self.lengths.start, self.lengths.stop - 1]
+        return d
+
+
+def default_protocol(card) -> str:
+    """A model trained here and any base model: completion; an instruction model (LLaDA-8B-Instruct):
+    the paper's chat question."""
+    return "completion" if card.trained_here or not card.chat else "chat"
+
+
+# ---------------------------------------------------------------------------------------------
+# The completion protocol's canvas
+
+@dataclass(frozen=True)
+class TextFormat:
+    """How two adjacent lines read in running text: first + sep + second + end."""
+
+    sep: str
+    end: str
+
+
+SONNET_TEXT = TextFormat("\n", "")
+COUPLET_TEXT = TextFormat("，", "。")
+
+
+def text_format(line: str) -> TextFormat:
+    return COUPLET_TEXT if is_chinese(line) else SONNET_TEXT
+
+
+def given_line(line: str) -> str:
+    """The line as the canvas holds it: stripped; a couplet line without its closing punctuation."""
+    line = line.strip()
+    return line.rstrip("，。,.") if is_chinese(line) else line
+
+
+def completion_canvas(tokenizer, ids, line: str, direction: str, gap: int) -> list[int]:
+    """EOS line sep [MASK x gap] end EOS (next), or EOS [MASK x gap] sep line end EOS (previous)."""
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+    fmt = text_format(line)
+    enc = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    given, sep, end = enc(given_line(line)), enc(fmt.sep), enc(fmt.end)
+    if not given:
+        raise ValueError("the line is empty")
+    body = given + sep + [ids.mask] * gap if direction == "next" else [ids.mask] * gap + sep + given
+    return [ids.eos] + body + end + [ids.eos]
+
+
+def completion_batch(tokenizer, ids, lines: Sequence[str], direction: str,
+                     lengths: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One canvas per (gap length, line), row k * B + b, shortest gaps first, right-padded
+    -> canvases [K * B, W], attention mask [K * B, W] (0 on the padding, which is never attended)."""
+    from .generation import MAX_CANDIDATES
+
+    if not 1 <= len(lengths) <= MAX_CANDIDATES:  # before anything walks them
+        raise ValueError(f"the completion searches 1 to {MAX_CANDIDATES} gap lengths, got {len(lengths)}")
+    rows = [completion_canvas(tokenizer, ids, line, direction, L) for L in sorted(lengths) for line in lines]
+    width = max(len(r) for r in rows)
+    canvases = torch.full((len(rows), width), ids.pad, dtype=torch.long)
+    attn = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        canvases[i, :len(r)] = torch.tensor(r)
+        attn[i, :len(r)] = 1
+    return canvases, attn
+
+
+def completion_config(width: int):
+    """One block over the canvas after its leading EOS, one token revealed per step."""
+    from .generation import GenerationConfig
+
+    return GenerationConfig(gen_length=width - 1, block_length=width - 1, steps=width - 1, temperature=0.0)
+
+
+def completion_steps(denoiser, tokenizer, ids, lines: Sequence[str], direction: str, lengths: Sequence[int]):
+    """The masked-diffusion side of the completion protocol: a Step stream (generation.candidate_steps)."""
+    from .generation import candidate_steps
+
+    canvases, attn = completion_batch(tokenizer, ids, lines, direction, lengths)
+    return candidate_steps(denoiser, canvases, attn, len(lengths), completion_config(canvases.shape[1]),
+                           prompt_length=1, mask_id=ids.mask, eos_id=ids.eos, eot_id=ids.eot)
+
+
+def arm_completion_prompt(canvas: list[int], mask_id: int) -> tuple[list[int], int]:
+    """What a causal model reads of a completion canvas: the tokens before the gap -> (prompt, gap size).
+    For "previous" that is the leading EOS alone: the given line comes after the gap."""
+    start = canvas.index(mask_id)
+    return canvas[:start], canvas.count(mask_id)
+
+
+def arm_stop_ids(tokenizer, ids, line: str) -> list[int]:
+    """A causal model ends its gap at the separator of the next line or at the end of text."""
+    sep = tokenizer(text_format(line).sep, add_special_tokens=False)["input_ids"]
+    return sorted({ids.eos, ids.eot} | ({sep[0]} if len(sep) == 1 else set()))
+
+
+def gap_text(tokenizer, ids, row: Sequence[int], canvas: Sequence[int], line: str) -> str:
+    """The decoded gap of a finished canvas row: its slots up to an EOS, cut at a line separator."""
+    from .tokenization import decode_answer
+
+    text = decode_answer(tokenizer, [t for t, c in zip(row, canvas) if c == ids.mask], ids)
+    fmt = text_format(line)
+    return text.split(fmt.sep)[0].split("\n")[0].strip()
+
+
+# ---------------------------------------------------------------------------------------------
+# Answering batches (MDM or ARM, either protocol) through a denoiser
+
+class Answerer:
+    """Answers batches of poem questions greedily with the shared samplers, through `denoiser`
+    (the running back end; default: PyTorch). `batch_size` counts rows of a forward pass."""
+
+    def __init__(self, loaded, decoding: Decoding, denoiser=None, batch_size: int = 256):
         from .backends import TorchDenoiser
+
+        self.loaded, self.decoding, self.batch_size = loaded, decoding, batch_size
+        self.denoiser = denoiser or TorchDenoiser(loaded.model)
+        self.causal = loaded.card.causal
+        if not self.causal:
+            self.chat_config().validate(self.denoiser.max_length, 1, supports_cache=True)
+
+    def chat_config(self):
         from .generation import GenerationConfig
 
-        self.model, self.tokenizer, self.ids = model, tokenizer, ids
-        self.denoiser = TorchDenoiser(model)
-        self.causal = bool(getattr(model.config, "causal", False))
-        self.gen_length, self.batch_size = gen_length, batch_size
-        self.length_search = list(length_search) if length_search else None  # MDM: candidate answer lengths
-        # MDM: one token per step, in one block (the paper's setting) unless `block_length` is given
-        self.config = GenerationConfig(gen_length=gen_length, block_length=block_length or gen_length,
-                                       steps=gen_length, temperature=0.0)
-        if not self.causal:
-            self.config.validate(self.denoiser.max_length, 1)
+        d = self.decoding
+        return GenerationConfig(gen_length=d.gen_length, block_length=d.block_length or d.gen_length,
+                                steps=d.gen_length, temperature=0.0)
 
-    def __call__(self, conversations: list[list[dict]],
-                 progress: Callable[[float], None] = lambda f: None) -> list[str]:
-        """-> the answers; `progress` gets the fraction answered after each batch."""
-        n = self.batch_size  # rows per forward pass: a length search makes each prompt one row per candidate
-        if self.length_search and not self.causal:
-            n = max(1, n // len(self.length_search))
-        out = []
-        for k in range(0, len(conversations), n):
-            out += self._batch(conversations[k:k + n])
-            progress(len(out) / len(conversations))
+    def _batched(self, items: list, rows_per_item: int, fn, progress: Callable[[float], None]) -> list:
+        n, out = max(1, self.batch_size // rows_per_item), []
+        for k in range(0, len(items), n):
+            out += fn(items[k:k + n])
+            progress(len(out) / len(items))
         return out
 
-    def _batch(self, conversations: list[list[dict]]) -> list[str]:
-        from .generation import generate, generate_arm, generate_length_search, pad_prompts
+    def chat(self, conversations: list[list[dict]], progress: Callable[[float], None] = lambda f: None) -> list[str]:
+        """Chat protocol: conversations ([{"role", "content"}], ending with a user turn) -> answers."""
+        search = self.decoding.lengths if not self.causal else None
+        return self._batched(conversations, len(search) if search else 1, self._chat_batch, progress)
+
+    def _chat_batch(self, conversations: list[list[dict]]) -> list[str]:
+        from .generation import generate_answers, pad_prompts
         from .tokenization import chat_prompt_ids, decode_answer
 
-        prompts = [chat_prompt_ids(self.tokenizer, c) for c in conversations]
-        ids, attn = pad_prompts(prompts, self.ids.pad)  # [B, P], left-padded
-        if self.causal:
-            seq = generate_arm(self.denoiser, ids, attn, max_new_tokens=self.gen_length,
-                               stop_ids=[self.ids.eot, self.ids.eos])
-        elif self.length_search:
-            seq = generate_length_search(self.denoiser, ids, attn, self.config, self.length_search,
-                                         mask_id=self.ids.mask, eos_id=self.ids.eos, eot_id=self.ids.eot)
-        else:
-            seq = generate(self.denoiser, ids, attn, self.config, mask_id=self.ids.mask, eos_id=self.ids.eos,
-                           eot_id=self.ids.eot)
-        return [decode_answer(self.tokenizer, row, self.ids) for row in seq[:, ids.shape[1]:].tolist()]
+        tok, ids = self.loaded.tokenizer, self.loaded.ids
+        x, attn = pad_prompts([chat_prompt_ids(tok, c) for c in conversations], ids.pad)  # [B, P], left-padded
+        seq = generate_answers(self.denoiser, x, attn, ids, config=None if self.causal else self.chat_config(),
+                               lengths=self.decoding.lengths, max_new_tokens=self.decoding.gen_length)
+        return [decode_answer(tok, row, ids) for row in seq[:, x.shape[1]:].tolist()]
+
+    def complete(self, lines: list[str], direction: str, progress: Callable[[float], None] = lambda f: None) -> list[str]:
+        """Completion protocol: the line next to (after / before) each given line."""
+        lengths = self.decoding.gap_lengths()
+        rows = 1 if self.causal else len(lengths)
+        return self._batched(lines, rows, lambda batch: self._complete_batch(batch, direction, lengths), progress)
+
+    def _complete_batch(self, lines: list[str], direction: str, lengths: range) -> list[str]:
+        from .generation import generate_arm, pad_prompts
+
+        tok, ids = self.loaded.tokenizer, self.loaded.ids
+        if self.causal:  # left to right over the same canvas (its longest gap), stopping at a separator
+            prompts = [arm_completion_prompt(completion_canvas(tok, ids, line, direction, max(lengths)), ids.mask)[0]
+                       for line in lines]
+            x, attn = pad_prompts(prompts, ids.pad)
+            seq = generate_arm(self.denoiser, x, attn, max_new_tokens=max(lengths) + 1,
+                               stop_ids=arm_stop_ids(tok, ids, lines[0]))
+            texts = [tok.decode(row, skip_special_tokens=True) for row in seq[:, x.shape[1]:].tolist()]
+            return [t.split(text_format(line).sep)[0].split("\n")[0].strip() for t, line in zip(texts, lines)]
+        final = None
+        for final in completion_steps(self.denoiser, tok, ids, lines, direction, lengths):
+            pass
+        return [gap_text(tok, ids, row, canvas, line)
+                for row, canvas, line in zip(final.ids.tolist(), final.canvas.tolist(), lines)]
 
 
-def infill_accuracy(model, tokenizer, ids, pairs: list[tuple[str, str]]) -> tuple[float, float]:
-    """Knowledge probe of a masked-diffusion model, outside the chat: exact match of a line infilled
-    next to its neighbour the way pre-training showed them (EOS, line, newline, line, EOS), with the
-    line's length given. A high infill score next to a low chat score means the model knows the
-    text but answering through the chat does not reach that knowledge.
-    -> (forward: the next line from the line, reversal: the previous line from the line)
-    """
-    import torch
+# ---------------------------------------------------------------------------------------------
+# Evaluation
 
-    from .backends import TorchDenoiser
-    from .generation import GenerationConfig, generate
+@dataclass
+class EvalResult:
+    model: str
+    kind: str  # "MDM" or "ARM"
+    protocol: str  # "completion" or "chat"
+    split: str  # "heldout" or "train"
+    forward: float  # exact match, next line
+    reversal: float  # exact match, previous line
+    n_pairs: int  # questions per direction
+    multiturn: float | None = None  # chat: exact match of the follow-up answer ("and the line after that?")
+    n_followups: int = 0
+    items: list[dict] = field(default_factory=list)  # every question: given, direction, expected, answer, correct
 
-    denoiser = TorchDenoiser(model)
-    enc = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
-    newline = enc("\n")
-
-    def fill(prompt: list[int], answer: list[int | None]) -> str:
-        """Denoise the None slots of `answer` (the other tokens are fixed) -> the decoded slots."""
-        G = len(answer)
-        config = GenerationConfig(gen_length=G, block_length=G, steps=G, temperature=0.0,
-                                  constraints={i: t for i, t in enumerate(answer) if t is not None})
-        out = generate(denoiser, torch.tensor([prompt]), None, config, mask_id=ids.mask, eos_id=ids.eos,
-                       eot_id=ids.eot)[0, len(prompt):].tolist()
-        return tokenizer.decode([t for t, slot in zip(out, answer) if slot is None])
-
-    fwd, rev = [], []
-    for a, b in pairs:
-        A, B = enc(a), enc(b)
-        fwd.append(normalise(fill([ids.eos] + A + newline, [None] * len(B) + [ids.eos])) == normalise(b))
-        rev.append(normalise(fill([ids.eos], [None] * len(A) + newline + B + [ids.eos])) == normalise(a))
-    return sum(fwd) / len(fwd), sum(rev) / len(rev)
+    def examples(self, direction: str, correct: bool = True) -> list[dict]:
+        return [i for i in self.items if i["direction"] == direction and i["correct"] == correct]
 
 
-def evaluate(model, tokenizer, ids, corpus: PoemCorpus, split: str = "heldout", limit: int | None = None,
-             name: str = "model", gen_length: int = GEN_LENGTH, multiturn: bool = True,
-             infill: bool = False, block_length: int | None = None,
-             length_search: Sequence[int] | None = None,
+def evaluate(loaded, corpus: PoemCorpus, split: str = "heldout", protocol: str = "completion", *,
+             decoding: Decoding | None = None, denoiser=None, limit: int | None = None, multiturn: bool = False,
              progress: Callable[[float], None] = lambda f: None) -> EvalResult:
-    """Forward / reversal / follow-up exact match on the adjacent line pairs of `split`'s sonnets;
-    with `infill`, a masked-diffusion model also gets the knowledge probe (`infill_accuracy`);
-    `length_search`: candidate answer lengths for the MDM (`generation.generate_length_search`);
-    `progress` gets the fraction of the chat questions answered."""
-    answer = ChatAnswerer(model, tokenizer, ids, gen_length, block_length=block_length, length_search=length_search)
-    pairs = _pairs(corpus.split(split), limit)
-    fwd_q = [[{"role": "user", "content": question(a, "next")}] for a, _ in pairs]
-    rev_q = [[{"role": "user", "content": question(b, "previous")}] for _, b in pairs]
-    share = 0.25 if multiturn else 0.5  # of the progress, per direction (the follow-ups take the other half)
-    fwd_a = answer(fwd_q, lambda f: progress(share * f))
-    rev_a = answer(rev_q, lambda f: progress(share * (1 + f)))
-    fwd_ok = [normalise(x) == normalise(b) for x, (_, b) in zip(fwd_a, pairs)]
-    rev_ok = [normalise(x) == normalise(a) for x, (a, _) in zip(rev_a, pairs)]
-    follow_ok: list[bool] = []
-    if multiturn:
-        # A chain of two adjacent pairs: ask one step, then "and the line after/before that?" on the
-        # model's own first answer; the follow-up's expected line is two away from the asked one.
-        chains = [(p, q) for p, q in zip(pairs, pairs[1:]) if p[1] == q[0]]
-        convs = []
-        for (a, b), (_, c) in chains:
-            convs.append(([{"role": "user", "content": question(a, "next")}], c, "next"))
-            convs.append(([{"role": "user", "content": question(c, "previous")}], a, "previous"))
-        first = answer([c for c, _, _ in convs], lambda f: progress(0.5 + 0.25 * f))
-        second_q = [c + [{"role": "assistant", "content": f},
-                         {"role": "user", "content": followup_question(d)}]
-                    for (c, _, d), f in zip(convs, first)]
-        second = answer(second_q, lambda f: progress(0.75 + 0.25 * f)) if second_q else []
-        follow_ok = [normalise(x) == normalise(e) for x, (_, e, _) in zip(second, convs)]
-    progress(1.0)  # also when there was no follow-up chain to ask
-    samples = [dict(question=q[0]["content"], expected=b, answer=x)
-               for q, x, (_, b) in list(zip(fwd_q, fwd_a, pairs))[:3]]
-    samples += [dict(question=q[0]["content"], expected=a, answer=x)
-                for q, x, (a, _) in list(zip(rev_q, rev_a, pairs))[:3]]
-    mean = lambda xs: sum(xs) / len(xs) if xs else 0.0  # noqa: E731
-    probe = infill_accuracy(model, tokenizer, ids, pairs) if infill and not answer.causal else (None, None)
-    return EvalResult(model=name, split=split, forward=mean(fwd_ok), reversal=mean(rev_ok),
-                      multiturn=mean(follow_ok), n_pairs=len(pairs), n_followups=len(follow_ok),
-                      samples=samples, infill_forward=probe[0], infill_reversal=probe[1])
+    """Forward / reversal exact match on the adjacent line pairs of `split`'s sonnets under `protocol`
+    (chat: with `multiturn`, also the follow-up question). `decoding` defaults to the model's own
+    (`Decoding.for_model`); `progress` gets the fraction of the questions answered."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    decoding = decoding or Decoding.for_model(loaded.card, corpus, loaded.tokenizer)
+    answer = Answerer(loaded, decoding, denoiser)
+    pairs = line_pairs(corpus.split(split), limit)
+    chat = protocol == "chat"
+    turns = multiturn and chat
+    share = 0.25 if turns else 0.5  # of the progress, per direction (the follow-ups take the other half)
+    if chat:
+        fwd = answer.chat([[_user(question(a, "next"))] for a, _ in pairs], lambda f: progress(share * f))
+        rev = answer.chat([[_user(question(b, "previous"))] for _, b in pairs], lambda f: progress(share * (1 + f)))
+    else:
+        fwd = answer.complete([a for a, _ in pairs], "next", lambda f: progress(share * f))
+        rev = answer.complete([b for _, b in pairs], "previous", lambda f: progress(share * (1 + f)))
+    fwd_ok = [normalise(x) == normalise(b) for x, (_, b) in zip(fwd, pairs)]
+    rev_ok = [normalise(x) == normalise(a) for x, (a, _) in zip(rev, pairs)]
+    follow_ok = _followups(answer, pairs, progress) if turns else []
+    progress(1.0)
+    items = ([dict(given=a, direction="next", expected=b, answer=x, correct=ok)
+              for (a, b), x, ok in zip(pairs, fwd, fwd_ok)]
+             + [dict(given=b, direction="previous", expected=a, answer=x, correct=ok)
+                for (a, b), x, ok in zip(pairs, rev, rev_ok)])
+    return EvalResult(model=loaded.name, kind="ARM" if loaded.card.causal else "MDM", protocol=protocol, split=split,
+                      forward=_mean(fwd_ok), reversal=_mean(rev_ok), n_pairs=len(pairs),
+                      multiturn=_mean(follow_ok) if follow_ok else None, n_followups=len(follow_ok), items=items)
+
+
+def _followups(answer: Answerer, pairs, progress) -> list[bool]:
+    """A chain of two adjacent pairs: ask one step, then "and the line after/before that?" on the
+    model's own first answer; the follow-up's expected line is two away from the asked one."""
+    chains = [(p, q) for p, q in zip(pairs, pairs[1:]) if p[1] == q[0]]
+    convs = []
+    for (a, _), (_, c) in chains:
+        convs.append(([_user(question(a, "next"))], c, "next"))
+        convs.append(([_user(question(c, "previous"))], a, "previous"))
+    if not convs:
+        return []
+    first = answer.chat([c for c, _, _ in convs], lambda f: progress(0.5 + 0.25 * f))
+    second = answer.chat([c + [{"role": "assistant", "content": f}, _user(followup_question(d))]
+                          for (c, _, d), f in zip(convs, first)], lambda f: progress(0.75 + 0.25 * f))
+    return [normalise(x) == normalise(e) for x, (_, e, _) in zip(second, convs)]
+
+
+def _user(text: str) -> dict:
+    return {"role": "user", "content": text}
+
+
+def _mean(flags: list[bool]) -> float:
+    return sum(flags) / len(flags) if flags else 0.0
+
+
+# The page's evaluation and the one a training run stores: all held-out pairs, 65 of the SFT sonnets'
+# (as many as the held-out split has; the whole SFT split would take five times as long).
+STORED_LIMITS = {"heldout": None, "train": 65}
+
+
+def evaluation_jobs(loaded, protocols: Sequence[str] = PROTOCOLS, splits: Sequence[str] = ("heldout",)):
+    """(protocol, split) pairs a model is evaluated on: a base model never gets the chat question."""
+    return [(p, s) for p in protocols for s in splits if p != "chat" or loaded.card.chat]
+
+
+def job_cost(loaded, decoding: Decoding, n_pairs: int) -> float:
+    """Rough forward-pass rows of one (protocol, split) job, so that a progress bar moves evenly: the
+    MDM decodes every candidate length, the ARM one short answer."""
+    if loaded.card.causal:
+        return n_pairs * 2 * 0.1 * decoding.gen_length
+    return n_pairs * 2 * sum(decoding.gap_lengths())
+
+
+def evaluate_all(loaded, corpus: PoemCorpus, *, protocols: Sequence[str] = PROTOCOLS, splits: Sequence[str] = ("heldout",),
+                 decoding: Decoding | None = None, denoiser=None, limits: dict | None = None, multiturn: bool = False,
+                 progress: Callable[[float, str], None] = lambda f, what: None) -> list[EvalResult]:
+    """Every (protocol, split) of one model; `limits`: line pairs per split (None: all); `progress`
+    gets the overall fraction (weighted by each job's cost) and what runs."""
+    decoding = decoding or Decoding.for_model(loaded.card, corpus, loaded.tokenizer)
+    limits = limits or {}
+    jobs = evaluation_jobs(loaded, protocols, splits)
+    costs = [job_cost(loaded, decoding, len(line_pairs(corpus.split(s), limits.get(s)))) for _, s in jobs]
+    out, done = [], 0.0
+    for (protocol, split), cost in zip(jobs, costs):
+        what = f"{loaded.name}: {protocol}, {split} sonnets"
+        out.append(evaluate(loaded, corpus, split, protocol, decoding=decoding, denoiser=denoiser,
+                            limit=limits.get(split), multiturn=multiturn,
+                            progress=lambda f: progress((done + f * cost) / sum(costs), what)))
+        done += cost
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The stored evaluation: computed once (by the training run or `eval --store`), shown at once by the page
+
+def evaluation_key(loaded, decoding: Decoding, limits: dict, multiturn: bool = False) -> dict:
+    """What a stored evaluation must have been computed with to stand for this model today."""
+    return dict(fingerprint=loaded.fingerprint, decoding=decoding.to_json(), limits=limits, multiturn=multiturn)
+
+
+def store_evaluation(folder: str | Path, key: dict, results: list[EvalResult]) -> Path:
+    path = Path(folder) / EVALUATION
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(dict(key=key, results=[asdict(r) for r in results]), indent=1))
+    tmp.replace(path)
+    return path
+
+
+class StaleEvaluation(ValueError):
+    """A stored evaluation computed for other weights or other settings."""
+
+
+def stored_evaluation(folder: str | Path | None, key: dict) -> list[EvalResult] | None:
+    """The folder's stored evaluation (None when there is none); StaleEvaluation when it was computed
+    with another fingerprint or other settings than `key`."""
+    path = Path(folder) / EVALUATION if folder is not None else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        results = [EvalResult(**r) for r in data["results"]]
+        stored = data["key"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise StaleEvaluation(f"{path} is unreadable ({type(e).__name__}: {e}); run the evaluation again") from None
+    if stored.get("fingerprint") != key["fingerprint"]:
+        raise StaleEvaluation(f"{path} was computed for other weights (fingerprint {stored.get('fingerprint')}, "
+                              f"the model has {key['fingerprint']}); run the evaluation again")
+    if stored != key:
+        diff = sorted(k for k in key if stored.get(k) != key[k])
+        raise StaleEvaluation(f"{path} was computed with other settings ({', '.join(diff)}); run the evaluation again")
+    return results
 
 
 def format_table(results: list[EvalResult]) -> str:
-    """Shaped like the LLaDA paper's reversal-poem table (model, forward, reversal), plus follow-ups."""
-    probe = any(r.infill_forward is not None for r in results)
-    rows = ["| Model | Forward | Reversal | Multi-turn | Pairs |" + (" Infill fwd / rev |" if probe else ""),
-            "| --- | --- | --- | --- | --- |" + (" --- |" if probe else "")]
+    turns = any(r.n_followups for r in results)
+    rows = ["| Model | Protocol | Split | Forward | Reversal | Pairs |" + (" Multi-turn |" if turns else ""),
+            "| --- | --- | --- | --- | --- | --- |" + (" --- |" if turns else "")]
     for r in results:
-        multiturn = f"{100 * r.multiturn:.1f}" if r.n_followups else "—"  # not asked (--no-multiturn)
-        row = f"| {r.model} ({r.split}) | {100 * r.forward:.1f} | {100 * r.reversal:.1f} | {multiturn} | {r.n_pairs} |"
-        if probe:
-            row += (f" {100 * r.infill_forward:.1f} / {100 * r.infill_reversal:.1f} |" if r.infill_forward is not None
-                    else " — |")
+        row = (f"| {r.model} [{r.kind}] | {r.protocol} | {r.split} | {100 * r.forward:.1f} | "
+               f"{100 * r.reversal:.1f} | {r.n_pairs} |")
+        if turns:
+            row += f" {100 * r.multiturn:.1f} |" if r.n_followups else " — |"
         rows.append(row)
     return "\n".join(rows)
 
 
-def _training_answer_slots(model_dir: str) -> int | None:
-    meta = Path(model_dir) / TRAINING_META
-    return json.loads(meta.read_text()).get("config", {}).get("answer_slots") if meta.is_file() else None
+# ---------------------------------------------------------------------------------------------
+# CLI
 
+def _lengths_arg(text: str) -> range | None:
+    from .generation import parse_lengths
 
-def sft_line_lengths(corpus: PoemCorpus, tokenizer) -> range:
-    """Shortest..longest line of the SFT (train) sonnets, in tokens: the answer lengths SFT showed."""
-    n = [len(tokenizer(line, add_special_tokens=False)["input_ids"]) for s in corpus.split("train") for line in s.lines]
-    return range(min(n), max(n) + 1)
+    if text.strip().lower() == "none":
+        return None
+    try:
+        return parse_lengths(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m llada_app.poems", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("eval", help="forward / reversal exact match through the chat interface")
+    p = sub.add_parser("eval", help="forward / reversal exact match, per protocol and split")
     p.add_argument("--model", action="append", required=True,
                    help="model folder (repeat the flag to put several models in one table)")
-    p.add_argument("--split", choices=["heldout", "train"], default="heldout",
-                   help="heldout: sonnets kept out of SFT (default); train: the SFT sonnets")
-    p.add_argument("--limit", type=int, default=None, help="at most N line pairs per direction")
+    p.add_argument("--protocol", choices=[*PROTOCOLS, "both"], default="both",
+                   help="completion: fill the gap next to the line in running text; chat: ask through the chat "
+                        "template (base models skip it); both (default)")
+    p.add_argument("--split", choices=[*SPLITS, "both"], default="heldout",
+                   help="heldout: the sonnets kept out of SFT, only pre-trained on (default); train: the SFT sonnets")
+    p.add_argument("--limit", type=int, default=None,
+                   help="at most N line pairs per direction (default: all held-out pairs, 65 of the SFT split)")
     p.add_argument("--gen-length", type=int, default=None,
-                   help="MDM gen length = block length = steps; ARM max new tokens (default: the model's "
-                        f"training answer_slots from {TRAINING_META}, else {GEN_LENGTH})")
+                   help="chat: MDM answer slots = block length = steps, ARM max new tokens (default: the model's "
+                        f"fine-tuning answer length, else {GEN_LENGTH})")
     p.add_argument("--block-length", type=int, default=None,
-                   help="MDM semi-autoregressive block length, still one token per step (default: the gen "
-                        "length, one block, as in the paper)")
-    p.add_argument("--length-search", nargs="?", const="train", default=None, metavar="MIN:MAX",
-                   help="MDM: decode each answer at every length MIN..MAX tokens (stop token fixed after it) and "
-                        "keep the most confident (generation.generate_length_search); without a value, the "
-                        "range of line lengths in the SFT (train) sonnets")
-    p.add_argument("--no-multiturn", action="store_true", help="skip the follow-up questions")
-    p.add_argument("--infill", action="store_true",
-                   help="also probe what a masked-diffusion model knows outside the chat: infill each line "
-                        "next to its neighbour as in pre-training, its length given")
+                   help="chat, MDM: semi-autoregressive block length, still one token per step (default: one block)")
+    p.add_argument("--lengths", type=_lengths_arg, default=..., metavar="MIN:MAX|none",
+                   help="MDM candidate answer lengths in tokens, each decoded, the most confident kept (default: the "
+                        "line lengths of a model's SFT sonnets; none: chat decodes the gen length, completion 1..31)")
+    p.add_argument("--multiturn", action="store_true", help="chat: also ask the follow-up question")
+    p.add_argument("--store", action="store_true",
+                   help=f"write the results into each model folder ({EVALUATION}), where the page shows them")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     args = parser.parse_args(argv)
@@ -357,27 +552,37 @@ def main(argv: list[str] | None = None) -> None:
 
     from tqdm import tqdm
 
-    from .generation import parse_lengths
-    from .loading import load_model
+    from .loading import ModelLoadError, load_model
 
+    protocols = PROTOCOLS if args.protocol == "both" else (args.protocol,)
+    splits = SPLITS if args.split == "both" else (args.split,)
     results = []
     for model_dir in args.model:
-        loaded = load_model(model_dir, device=args.device)
-        corpus = PoemCorpus.for_model(model_dir)
-        gen_length = args.gen_length or _training_answer_slots(model_dir) or GEN_LENGTH
-        kind = "ARM" if loaded.model.config.causal else "MDM"
         try:
-            lengths = (sft_line_lengths(corpus, loaded.tokenizer) if args.length_search == "train"
-                       else parse_lengths(args.length_search or ""))
-            with tqdm(total=100, desc=f"{loaded.name} [{kind}]", unit="%", bar_format="{l_bar}{bar}| {elapsed}",
+            loaded = load_model(model_dir, device=args.device)
+        except ModelLoadError as e:
+            parser.error(str(e))
+        corpus = PoemCorpus.for_card(loaded.card)
+        decoding = Decoding.for_model(loaded.card, corpus, loaded.tokenizer)
+        if args.gen_length:
+            decoding = replace(decoding, gen_length=args.gen_length)
+        if args.block_length:
+            decoding = replace(decoding, block_length=args.block_length)
+        if args.lengths is not ...:
+            decoding = replace(decoding, lengths=args.lengths)
+        try:
+            with tqdm(total=100, desc=loaded.name, unit="%", bar_format="{l_bar}{bar}| {elapsed}",
                       disable=args.json or not sys.stderr.isatty()) as bar:
-                results.append(evaluate(loaded.model, loaded.tokenizer, loaded.ids, corpus, args.split, args.limit,
-                                        name=f"{loaded.name} [{kind}]", gen_length=gen_length,
-                                        multiturn=not args.no_multiturn, infill=args.infill,
-                                        block_length=args.block_length, length_search=lengths,
-                                        progress=lambda f: bar.update(round(100 * f) - bar.n)))
+                limits = STORED_LIMITS if args.limit is None else {s: args.limit for s in SPLITS}
+                mine = evaluate_all(loaded, corpus, protocols=protocols, splits=splits, decoding=decoding,
+                                    limits=limits, multiturn=args.multiturn,
+                                    progress=lambda f, what: (bar.set_description(what),
+                                                              bar.update(round(100 * f) - bar.n)))
         except ValueError as e:  # decoding settings the sampler refuses
             parser.error(str(e))
+        if args.store:
+            store_evaluation(model_dir, evaluation_key(loaded, decoding, limits, args.multiturn), mine)
+        results += mine
     if args.json:
         json.dump([asdict(r) for r in results], sys.stdout, indent=2)
         print()

@@ -1,9 +1,12 @@
-"""Train a LLaDA model: masked diffusion (`mdm`, DESIGN §4) or its autoregressive twin (`arm`).
+"""Train a LLaDA model: masked diffusion (`mdm`, the LLaDA recipe) or its autoregressive twin (`arm`).
 
 One run goes through two stages on one learning-rate schedule: `pretrain_steps` of plain sonnet
 text (line-aligned windows, reading order), then `sft_steps` of chat conversations about the SFT
 sonnets, with a share `replay` of pre-training batches mixed in so the held-out sonnets stay
 memorised. `--stage pretrain` / `--stage sft` run one stage only (SFT usually with `--init-from`).
+A fresh run refuses a folder that holds another run (`--overwrite`); `--resume` refuses other
+settings than the checkpoint's (`--accept-changes`) and falls back to the older of the two kept
+checkpoints when the newest does not read back.
 
 Runs plainly (`python -m llada_app.train --preset micro`) or under `accelerate launch` (DDP, FSDP,
 DeepSpeed, mixed precision all come from the accelerate config). Every batch is a pure function of
@@ -11,12 +14,15 @@ DeepSpeed, mixed precision all come from the accelerate config). Every batch is 
 checkpoint holds model + optimizer; checkpoints are written to a temporary folder then renamed.
 
 Output folder: the final model (safetensors, fp16 by default) + tokenizer in the Hugging Face
-layout `llada_app.loading.load_model` reads, `training_meta.json`, `metrics.json`, `loss.png`.
+layout `llada_app.loading.load_model` reads, `training_meta.json`, `metrics.json`, `loss.png`, and
+`evaluation.json` (the saved model evaluated as the app's page does, which shows it at once).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import errno
 import json
 import math
 import os
@@ -30,26 +36,29 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import SONNETS_FILE, load_sonnets, pretraining_window, sft_example, split_corpus, tokenizer_texts
-from .loading import load_model, special_ids
-from .modeling import LLaDAConfig, LLaDAModelLM
-from .poems import TRAINING_META, PoemCorpus, evaluate
+from .data import (DEFAULT_N_SONNETS, SONNETS_FILE, load_sonnets, pretraining_window, sft_example, split_corpus,
+                   tokenizer_texts)
+from .loading import TRAINING_META, LoadedModel, ModelCard, load_model
+from .modeling import SHAPES, LLaDAConfig, LLaDAModelLM
+from .poems import Decoding, PoemCorpus, evaluate
 from .tokenization import EOT, chat_prompt_ids, train_bpe_tokenizer
 
 OBJECTIVES = ("mdm", "arm")
 STAGES = ("both", "pretrain", "sft")
+T_SAMPLING = ("iid", "stratified")
 
 
 @dataclass
 class TrainConfig:
     output_dir: str = "runs/micro"  # final model, metrics.json, loss.png, checkpoints/
+    preset: str | None = None  # the preset that filled the settings not given (recorded in training_meta.json)
     objective: str = "mdm"  # "mdm" (masked diffusion) or "arm" (causal, next-token)
     stage: str = "both"  # "both" (pretrain then sft), "pretrain" only, or "sft" only
     init_from: str | None = None  # a saved model folder to start from (weights + tokenizer)
     freeze: str = ""  # regex: parameters whose name matches stay fixed (e.g. "wte|ff_proj|up_proj")
     # corpus
     sonnets_file: str | None = None  # default: assets/data/sonnets.txt
-    n_sonnets: int = 30  # train on the first N sonnets; the last sixth (>= 5) is held out of SFT
+    n_sonnets: int = DEFAULT_N_SONNETS  # train on the first N sonnets; the last sixth (>= 5) is held out of SFT
     vocab_size: int = 1024  # BPE vocabulary (trained on the corpus + the question phrasings)
     # model
     d_model: int = 256
@@ -76,6 +85,7 @@ class TrainConfig:
     beta2: float = 0.98
     grad_clip: float = 1.0
     mask_eps: float = 1e-3  # p = (1 - eps) t + eps
+    t_sampling: str = "iid"  # MDM noise levels of a batch: "iid" t ~ U(0,1), or "stratified" (one offset, evenly spaced)
     random_length_prob: float = 0.01  # pre-training batches cut to a random length
     seed: int = 0
     # run
@@ -86,6 +96,8 @@ class TrainConfig:
     eval_limit: int = 30  # line pairs per direction in the periodic eval
     save_dtype: str = "fp16"  # dtype of the final weights: fp16, bf16 or fp32
     keep_checkpoints: bool = False  # keep checkpoints/ after the final save
+    final_eval: bool = True  # evaluate the saved model (as the page does) into evaluation.json
+    eval_protocols: str = "completion,chat"  # what the periodic and final evaluations measure (a base model: completion)
     progress: bool = True  # tqdm progress bar
 
     @property
@@ -93,29 +105,30 @@ class TrainConfig:
         return self.pretrain_steps + self.sft_steps
 
 
-# The bundled models (assets/models): same corpus, same chats, same size and the same budget in tokens
-# for both objectives, each with the schedule that measured best for it (README, "Reproducing the
-# bundled checkpoints"). The MDM takes two runs: a base run (pre-training, then SFT with pre-training
-# replay), then a short low-learning-rate SFT-with-replay run from its weights (`sonnets-mdm-base`, then
-# `sonnets-mdm`). The ARM takes one run of small batches with the chats mixed into the pre-training text
-# from step 0 (`sonnets-arm`). Both see 33.5M tokens. (Each schedule measured worse for the
-# other objective: the MDM scored 6.2 held-out forward with the ARM's, the ARM 58.5 with the MDM's.)
-_BUNDLED = dict(n_sonnets=30, vocab_size=1024, d_model=128, n_heads=4, n_kv_heads=2, n_layers=4,
-                mlp_hidden_size=384, seq_len=128, batch_size=32, pretrain_steps=2800, sft_steps=3200,
-                replay=0.5, lr=3e-3, warmup_steps=100, save_every=200, eval_every=400, eval_limit=20)
-_BUNDLED_STAGE2 = dict(_BUNDLED, stage="sft", pretrain_steps=0, sft_steps=2000, lr=5e-4, warmup_steps=50,
-                       eval_every=1000)
-_BUNDLED_MIXED = dict(_BUNDLED, batch_size=8, pretrain_steps=0, sft_steps=34400, warmup_steps=200, save_every=2000,
-                      eval_every=4000)
+# The bundled models (assets/models): the same corpus, chats, tokenizer and model size for both
+# objectives, and the same CPU time (each on one core, side by side, within an hour: README). The MDM
+# takes two runs: `sonnets-mdm-base`, pre-training only (the completion protocol runs on it), then
+# `sonnets-mdm`, chats with pre-training replay from its weights (the chat protocol). The ARM takes one run
+# of small batches with the chats mixed into the pre-training text from step 0. Measured (README): the
+# chats cost the MDM's memory of the text (completion 84.6 / 67.7 held-out on the base, 67.7 / 64.6 after
+# SFT), and each schedule measured worse for the other objective.
+_SHAPE = dict(SHAPES["sonnets"])  # d_model, heads, layers, MLP width, context, RoPE, vocabulary
+_BUNDLED = dict(n_sonnets=30, **_SHAPE, seq_len=128, batch_size=32, save_every=200, eval_limit=20)
+_BUNDLED_BASE = dict(_BUNDLED, stage="pretrain", pretrain_steps=6000, sft_steps=0, lr=3e-3, warmup_steps=100,
+                     eval_every=2000, eval_protocols="completion")
+_BUNDLED_CHAT = dict(_BUNDLED, stage="sft", pretrain_steps=0, sft_steps=3200, replay=0.5, lr=2e-3, warmup_steps=50,
+                     eval_every=1600, eval_protocols="chat")
+_BUNDLED_MIXED = dict(_BUNDLED, batch_size=8, pretrain_steps=0, sft_steps=34400, replay=0.5, lr=3e-3,
+                      warmup_steps=200, save_every=2000, eval_every=4000)
 PRESETS: dict[str, dict] = {
     # A few seconds on a CPU: for tests and smoke runs.
     "micro": dict(output_dir="runs/micro", n_sonnets=8, vocab_size=320, d_model=32, n_heads=2, n_kv_heads=1,
                   n_layers=1, mlp_hidden_size=64, max_sequence_length=320, seq_len=32, answer_slots=48, batch_size=8,
                   pretrain_steps=30, sft_steps=10, warmup_steps=5, log_every=5, save_every=10,
-                  eval_limit=4),
-    "sonnets-mdm-base": dict(_BUNDLED, output_dir="runs/sonnets-mdm-base", objective="mdm"),
-    "sonnets-mdm": dict(_BUNDLED_STAGE2, output_dir="assets/models/sonnets-mdm", objective="mdm",
-                        init_from="runs/sonnets-mdm-base"),
+                  eval_limit=4, final_eval=False),
+    "sonnets-mdm-base": dict(_BUNDLED_BASE, output_dir="assets/models/sonnets-mdm-base", objective="mdm"),
+    "sonnets-mdm": dict(_BUNDLED_CHAT, output_dir="assets/models/sonnets-mdm", objective="mdm",
+                        init_from="assets/models/sonnets-mdm-base"),
     "sonnets-arm": dict(_BUNDLED_MIXED, output_dir="assets/models/sonnets-arm", objective="arm"),
 }
 
@@ -129,6 +142,17 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     progress = (step - cfg.warmup_steps) / max(1, cfg.total_steps - cfg.warmup_steps)
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def sample_t(batch_size: int, how: str, gen: torch.Generator) -> torch.Tensor:
+    """The noise levels of one batch -> [B] in [0, 1). "iid": independent uniforms. "stratified": one
+    uniform offset u, then t_i = (u + i / B) mod 1 (MDLM's low-discrepancy sampler): every batch covers
+    [0, 1) evenly, so the batch's loss varies less from step to step while each t_i stays uniform."""
+    if how == "iid":
+        return torch.rand(batch_size, generator=gen)
+    if how == "stratified":
+        return (torch.rand(1, generator=gen) + torch.arange(batch_size) / batch_size) % 1.0
+    raise ValueError(f"t_sampling must be one of {T_SAMPLING}, got {how!r}")
 
 
 def forward_process(input_ids: torch.Tensor, t: torch.Tensor, u: torch.Tensor, mask_id: int, eps: float = 1e-3,
@@ -247,7 +271,7 @@ def batch_loss(model, batch: Batch, cfg: TrainConfig, mask_id: int, gen: torch.G
         if batch.prompt_lengths is not None:  # answer tokens and the stop token only
             loss_mask = (cols >= batch.prompt_lengths[:, None]) & (cols < batch.answer_ends[:, None])
         return arm_loss(model(ids).logits, ids, loss_mask)
-    t = torch.rand(B, generator=gen).to(ids.device)  # [B]
+    t = sample_t(B, cfg.t_sampling, gen).to(ids.device)  # [B]
     u = torch.rand(B, L, generator=gen).to(ids.device)  # [B, L]
     maskable = answer_lengths = None
     if batch.prompt_lengths is not None:
@@ -260,30 +284,94 @@ def batch_loss(model, batch: Batch, cfg: TrainConfig, mask_id: int, gen: torch.G
 # ---------------------------------------------------------------------------------------------
 # Checkpoints
 
+class TrainingError(RuntimeError):
+    """A run that cannot start or go on; the message says why and what to do about it."""
+
+
+# Settings that leave the weights alone: a resumed run may change them freely.
+RUN_ONLY = {"preset", "threads", "log_every", "progress", "save_every", "keep_checkpoints", "final_eval",
+            "eval_every", "eval_limit"}
+KEEP_CHECKPOINTS = 2  # the newest and one before it, in case the newest turns out unreadable
+
+
 def _checkpoints(out: Path) -> list[Path]:
+    """checkpoints/step-N folders, oldest first (complete or not: a resume checks each one)."""
     folder = out / "checkpoints"
     if not folder.is_dir():
         return []
-    done = [p for p in folder.iterdir() if p.name.startswith("step-") and (p / "trainer_state.json").is_file()]
-    return sorted(done, key=lambda p: int(p.name.removeprefix("step-")))
+    steps = [p for p in folder.iterdir() if p.is_dir() and re.fullmatch(r"step-\d+", p.name)]
+    return sorted(steps, key=lambda p: int(p.name.removeprefix("step-")))
+
+
+@contextlib.contextmanager
+def _writing(path: Path):
+    """Turn a failed write (a full disk, a read-only folder) into a TrainingError that says so."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:  # torch's C++ writer reports a full disk as "basic_ios::clear"
+        free = shutil.disk_usage(path.parent if path.parent.exists() else Path.cwd()).free
+        if getattr(e, "errno", None) == errno.ENOSPC or free < 64 * 2**20:
+            raise TrainingError(f"the disk is full ({free / 2**20:.0f} MB free) while writing {path}: free some "
+                                "space, then continue with --resume (the last complete checkpoint is kept)") from None
+        raise TrainingError(f"could not write {path}: {type(e).__name__}: {e}") from None
 
 
 def save_checkpoint(accelerator, out: Path, step: int, history: dict, tokens: int, elapsed: float) -> None:
-    """Write to checkpoints/.tmp-step-N, then rename: a kill mid-save leaves no half checkpoint."""
+    """Write to checkpoints/.tmp-step-N, then rename: a kill mid-save leaves no half checkpoint. The
+    newest KEEP_CHECKPOINTS stay."""
     final = out / "checkpoints" / f"step-{step:07d}"
     tmp = out / "checkpoints" / f".tmp-step-{step:07d}"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    try:
+        with _writing(tmp):
+            accelerator.save_state(str(tmp))
+            if accelerator.is_main_process:
+                (tmp / "trainer_state.json").write_text(json.dumps(dict(step=step, tokens=tokens, elapsed=elapsed,
+                                                                        history=history)))
+    except TrainingError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if accelerator.is_main_process:
-        (tmp / "trainer_state.json").write_text(json.dumps(dict(step=step, tokens=tokens, elapsed=elapsed, history=history)))
         shutil.rmtree(final, ignore_errors=True)  # only when re-saving the same step
         os.replace(tmp, final)  # atomic: the folder appears complete or not at all
-        for old in _checkpoints(out)[:-1]:
+        for old in _checkpoints(out)[:-KEEP_CHECKPOINTS]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
+
+
+def resume_state(accelerator, out: Path, say) -> dict | None:
+    """Load the newest checkpoint that reads back whole (model, optimizer, trainer_state.json), saying
+    which were skipped and why -> its trainer state; None when there is no checkpoint at all."""
+    found = _checkpoints(out)
+    if not found:
+        return None
+    skipped = []
+    for ckpt in reversed(found):
+        try:
+            state = json.loads((ckpt / "trainer_state.json").read_text())
+            if not {"step", "history"} <= set(state):
+                raise ValueError("trainer_state.json lacks the step or the history")
+            accelerator.load_state(str(ckpt))
+        except Exception as e:  # noqa: BLE001  (a missing file, bad JSON, a truncated tensor file: all mean skip it)
+            skipped.append(f"{ckpt.name} ({type(e).__name__}: {str(e).strip()[:120]})")
+            continue
+        if skipped:
+            say(f"--resume: skipped unreadable checkpoint(s) {', '.join(skipped)}; resuming from {ckpt.name}")
+        return state
+    raise TrainingError(f"--resume: no checkpoint in {out / 'checkpoints'} reads back: {'; '.join(skipped)}. "
+                        "Start afresh with --overwrite.")
+
+
+def setting_changes(saved: dict, now: dict) -> list[str]:
+    """The settings (other than RUN_ONLY) that differ between a checkpoint's run and this one."""
+    return [f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in now if k not in RUN_ONLY and saved.get(k) != now[k]]
+
+
+def _holds_a_run(out: Path) -> list[str]:
+    return [name for name in ("model.safetensors", "metrics.json", "checkpoints") if (out / name).exists()]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -311,8 +399,7 @@ def save_final(model, tokenizer, cfg: TrainConfig, out: Path) -> None:
     copy.load_state_dict(model.state_dict())
     copy.to(dtype).save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    (tmp / TRAINING_META).write_text(json.dumps(dict(n_sonnets=cfg.n_sonnets, objective=cfg.objective,
-                                                     config=dataclasses.asdict(cfg)), indent=2))
+    (tmp / TRAINING_META).write_text(json.dumps(training_meta(cfg), indent=2))
     for f in tmp.iterdir():  # move file by file: out/ also holds metrics and checkpoints
         os.replace(f, out / f.name)
     tmp.rmdir()
@@ -333,12 +420,12 @@ def plot_loss(history: dict, path: Path) -> None:
     ax.set_yscale("log")
     if history["eval"]:
         ax2 = ax.twinx()
-        x = [e["tokens"] for e in history["eval"]]
-        ax2.plot(x, [e["forward"] for e in history["eval"]], "g-o", ms=3, label="held-out forward")
-        ax2.plot(x, [e["reversal"] for e in history["eval"]], "r-o", ms=3, label="held-out reversal")
-        if history["eval"][-1].get("infill_forward") is not None:
-            ax2.plot(x, [e["infill_forward"] for e in history["eval"]], "g:", label="held-out infill forward")
-            ax2.plot(x, [e["infill_reversal"] for e in history["eval"]], "r:", label="held-out infill reversal")
+        for key, style, label in (("completion_forward", "g-o", "held-out completion forward"),
+                                  ("completion_reversal", "r-o", "held-out completion reversal"),
+                                  ("forward", "g:", "held-out chat forward"), ("reversal", "r:", "held-out chat reversal")):
+            pts = [(e["tokens"], e[key]) for e in history["eval"] if e.get(key) is not None]
+            if pts:
+                ax2.plot(*zip(*pts), style, ms=3, label=label)
         ax2.set_ylim(0, 1)
         ax2.set_ylabel("exact match")
         ax2.legend(loc="upper right")
@@ -352,12 +439,15 @@ def plot_loss(history: dict, path: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 # The loop
 
-def train(cfg: TrainConfig, resume: bool = False) -> Path:
+def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, accept_changes: bool = False) -> Path:
+    """Run (or with `resume`, continue) a training run into cfg.output_dir. A fresh run refuses a folder
+    that holds another run unless `overwrite`; a resume refuses other settings unless `accept_changes`."""
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
     if cfg.objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {cfg.objective!r}")
+    _protocols(cfg)  # a bad list fails now, not after an hour of training
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     # Denormal floats (the far tails of a confident softmax) slowed CPU steps 1.55x as the MDM loss
@@ -369,6 +459,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     sonnets = all_sonnets[:cfg.n_sonnets]
     sft_sonnets, held_out = split_corpus(all_sonnets, cfg.n_sonnets)
 
+    if not resume and not overwrite and _holds_a_run(out):
+        raise TrainingError(f"{out} holds another run ({', '.join(_holds_a_run(out))}): continue it with --resume, "
+                            "or replace it with --overwrite")
     ckpts = _checkpoints(out) if resume else []
     if resume and not ckpts:
         accelerator.print(f"--resume: no checkpoint in {out / 'checkpoints'}; starting from scratch")
@@ -409,14 +502,23 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     model, optimizer = accelerator.prepare(model, optimizer)
 
     step, tokens, elapsed0 = 0, 0, 0.0  # elapsed0: training seconds before this process started
-    history = dict(objective=cfg.objective, train=[], eval=[], config=dataclasses.asdict(cfg))
-    if ckpts:
-        accelerator.load_state(str(ckpts[-1]))
-        state = json.loads((ckpts[-1] / "trainer_state.json").read_text())
+    settings = training_meta(cfg)["config"]
+    history = dict(objective=cfg.objective, train=[], eval=[], config=settings)
+    state = resume_state(accelerator, out, accelerator.print) if ckpts else None
+    if state is not None:
         step, history = state["step"], state["history"]
+        changes = setting_changes(history.get("config", {}), settings)
+        if changes and not accept_changes:
+            raise TrainingError(f"--resume: the checkpoint at step {step} was trained with other settings ("
+                                f"{'; '.join(changes)}); resume with the same flags, or add --accept-changes to "
+                                "continue with the new ones on purpose")
+        if changes:  # metrics.json then agrees with training_meta.json, and says what changed when
+            history["config"] = settings
+            history.setdefault("changes", []).append(dict(step=step, changes=changes))
         last = history["train"][-1] if history["train"] else dict(tokens=0, elapsed=0.0)
         tokens, elapsed0 = state.get("tokens", last["tokens"]), state.get("elapsed", last["elapsed"])
-        accelerator.print(f"resumed from {ckpts[-1]} at step {step}")
+        accelerator.print(f"resumed at step {step}" + (f" with changed settings: {'; '.join(changes)}" if changes
+                                                       else ""))
 
     batches = BatchMaker(cfg, tokenizer, sonnets, sft_sonnets)
     rank = accelerator.process_index
@@ -469,12 +571,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         at_eval = cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.total_steps)  # the last step too
         if at_eval and accelerator.is_main_process:
             history["eval"].append(dict(step=step, tokens=tokens, **_quick_eval(
-                accelerator.unwrap_model(model), tokenizer, all_sonnets, cfg)))
-            e = history["eval"][-1]
-            probe = ("" if e["infill_forward"] is None else
-                     f"; infill forward {e['infill_forward']:.2f} reversal {e['infill_reversal']:.2f}")
-            bar.write(f"step {step}: held-out forward {e['forward']:.2f} reversal {e['reversal']:.2f} "
-                      f"(train forward {e['train_forward']:.2f} reversal {e['train_reversal']:.2f}){probe}")
+                accelerator.unwrap_model(model), tokenizer, all_sonnets, cfg, step > cfg.pretrain_steps)))
+            bar.write(f"step {step}: held-out " + _eval_line(history["eval"][-1]))
             model.train()
         if cfg.save_every and step % cfg.save_every == 0 and step < cfg.total_steps:
             save_checkpoint(accelerator, out, step, history, tokens, elapsed0 + time.perf_counter() - run_start)
@@ -487,8 +585,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         save_checkpoint(accelerator, out, step, history, tokens, elapsed0 + time.perf_counter() - run_start)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_final(accelerator.unwrap_model(model), tokenizer, cfg, out)
-        (out / "metrics.json").write_text(json.dumps(history, indent=1))
+        with _writing(out / "model.safetensors"):
+            save_final(accelerator.unwrap_model(model), tokenizer, cfg, out)
+            (out / "metrics.json").write_text(json.dumps(history, indent=1))
         plot_loss(history, out / "loss.png")
         base = Path(cfg.init_from) if cfg.init_from else None  # the run this one started from
         if base and base.resolve() != out.resolve():  # its curves travel with the model as base_*
@@ -497,24 +596,79 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
                     shutil.copyfile(base / name, out / f"base_{name}")
         if not cfg.keep_checkpoints:
             shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        if cfg.final_eval:
+            final_evaluation(out, _protocols(cfg), bar.write if cfg.progress else accelerator.print)
     accelerator.wait_for_everyone()
     accelerator.print(f"saved {out} ({history['elapsed_s']:.0f} s of training)")
     accelerator.end_training()
     return out
 
 
-def _quick_eval(model, tokenizer, sonnets, cfg: TrainConfig) -> dict:
-    """Held-out and train-split exact match on a few line pairs, and the MDM's held-out infill probe
-    (the accuracy-vs-tokens curves)."""
+def _protocols(cfg: TrainConfig) -> tuple[str, ...]:
+    from .poems import PROTOCOLS
+
+    chosen = tuple(p.strip() for p in cfg.eval_protocols.split(",") if p.strip())
+    if not chosen or any(p not in PROTOCOLS for p in chosen):
+        raise ValueError(f"eval_protocols takes a comma-separated subset of {PROTOCOLS}, got {cfg.eval_protocols!r}")
+    return chosen
+
+
+def final_evaluation(out: Path, protocols: tuple[str, ...], say=print) -> None:
+    """Evaluate the saved model as the page will load it (the held-out split, and for the chat protocol 65
+    pairs of the SFT split) and store the result with it, keyed by its fingerprint: the page shows it at once."""
+    from .poems import STORED_LIMITS, evaluate_all, evaluation_key, format_table, store_evaluation
+
+    started = time.perf_counter()
+    loaded = load_model(str(out), device="cpu")
+    corpus = PoemCorpus.for_card(loaded.card)
+    decoding = Decoding.for_model(loaded.card, corpus, loaded.tokenizer)
+    # The SFT split only where the page reads it: the chat tab's figures of the sonnets it was fine-tuned on.
+    results = []
+    for protocol in protocols:
+        splits = ("heldout", "train") if protocol == "chat" else ("heldout",)
+        results += evaluate_all(loaded, corpus, protocols=(protocol,), splits=splits, decoding=decoding,
+                                limits=STORED_LIMITS)
+    store_evaluation(out, evaluation_key(loaded, decoding, STORED_LIMITS), results)
+    say(f"final evaluation ({time.perf_counter() - started:.0f} s):\n{format_table(results)}")
+
+
+def _eval_line(e: dict) -> str:
+    """A periodic eval's figures in words (only those it measured)."""
+    parts = []
+    if "completion_forward" in e:
+        parts.append(f"completion forward {e['completion_forward']:.2f} reversal {e['completion_reversal']:.2f}")
+    if "forward" in e:
+        parts.append(f"chat forward {e['forward']:.2f} reversal {e['reversal']:.2f} "
+                     f"(train {e['train_forward']:.2f} / {e['train_reversal']:.2f})")
+    return "; ".join(parts) or "nothing measured yet (chat before SFT)"
+
+
+def training_meta(cfg: TrainConfig) -> dict:
+    """training_meta.json: what the model description (`loading.ModelCard`) reads of a run. It records the
+    preset and the settings, never the output folder (a path of the machine that trained it)."""
+    config = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "output_dir"}
+    return dict(n_sonnets=cfg.n_sonnets, objective=cfg.objective, preset=cfg.preset, config=config)
+
+
+def _quick_eval(model, tokenizer, sonnets, cfg: TrainConfig, sft_started: bool) -> dict:
+    """Held-out completion (both models), and once SFT has begun the chat protocol on the held-out and
+    train splits, on `eval_limit` line pairs, decoded as the page decodes: the accuracy-vs-tokens curves."""
     model.eval()
+    card = ModelCard.build("training", tokenizer, model.config, training_meta(cfg))
+    loaded = LoadedModel(model, tokenizer, card)
     corpus = PoemCorpus(sonnets, cfg.n_sonnets)
-    ids = special_ids(tokenizer, model.config)
-    held = evaluate(model, tokenizer, ids, corpus, "heldout", cfg.eval_limit, multiturn=False, infill=True)
-    train = evaluate(model, tokenizer, ids, corpus, "train", cfg.eval_limit, multiturn=False)
-    # infill_*: the MDM's knowledge probe on the held-out pairs (None for the ARM), see poems.infill_accuracy
-    return dict(forward=held.forward, reversal=held.reversal, train_forward=train.forward,
-                train_reversal=train.reversal, infill_forward=held.infill_forward,
-                infill_reversal=held.infill_reversal)
+    decoding = Decoding.for_model(card, corpus, tokenizer)
+    run = lambda split, protocol: evaluate(loaded, corpus, split, protocol, decoding=decoding,  # noqa: E731
+                                           limit=cfg.eval_limit)
+    out, protocols = {}, _protocols(cfg)
+    if "completion" in protocols:
+        done = run("heldout", "completion")
+        out.update(completion_forward=done.forward, completion_reversal=done.reversal)
+    if sft_started and "chat" in protocols:
+        held, train = run("heldout", "chat"), run("train", "chat")
+        out.update(forward=held.forward, reversal=held.reversal, train_forward=train.forward,
+                   train_reversal=train.reversal)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -523,21 +677,28 @@ def _quick_eval(model, tokenizer, sonnets, cfg: TrainConfig) -> dict:
 def _field_comments(cls) -> dict[str, str]:
     """The `# ...` comment after each field of a dataclass: the one place its meaning is written."""
     import inspect
-    import re
 
     found = re.findall(r"^\s+(\w+): [^=\n]+=[^#\n]*#\s*(.+)$", inspect.getsource(cls), flags=re.M)
     return dict(found)
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, bool]:
+def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, dict]:
+    """-> the run's settings, and the flags of `train` (resume, overwrite, accept_changes)."""
     parser = argparse.ArgumentParser(prog="python -m llada_app.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="micro",
                         help="starting values (default: micro); any flag below overrides them")
     parser.add_argument("--resume", action="store_true",
-                        help="continue from the last checkpoint in the output folder")
+                        help="continue from the last checkpoint in the output folder (an unreadable newest one "
+                             "falls back to the one before it)")
+    parser.add_argument("--accept-changes", action="store_true",
+                        help="with --resume: continue although some settings differ from the checkpoint's run")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a run the output folder already holds (its checkpoints are deleted)")
     defaults, notes = TrainConfig(), _field_comments(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
+        if f.name == "preset":  # the --preset above
+            continue
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
         if isinstance(default, bool):
@@ -545,11 +706,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, bool]:
                                 help=f"{notes.get(f.name, '')} (default {default})")
         else:
             kind = {int: int, float: float}.get(type(default), str)
-            choices = {"objective": OBJECTIVES, "stage": STAGES, "save_dtype": ("fp16", "bf16", "fp32")}.get(f.name)
+            choices = {"objective": OBJECTIVES, "stage": STAGES, "save_dtype": ("fp16", "bf16", "fp32"),
+                       "t_sampling": T_SAMPLING}.get(f.name)
             parser.add_argument(flag, type=kind, default=None, choices=choices,
                                 help=f"{notes.get(f.name, '')} (default {default})".replace("%", "%%"))
     args = parser.parse_args(argv)
-    values = dataclasses.asdict(defaults) | PRESETS[args.preset]
+    values = dataclasses.asdict(defaults) | PRESETS[args.preset] | dict(preset=args.preset)
     values |= {k: v for k, v in vars(args).items() if k in values and v is not None}
     cfg = TrainConfig(**values)
     if cfg.stage == "pretrain":
@@ -560,12 +722,17 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, bool]:
         parser.error("nothing to train: pretrain_steps + sft_steps must be >= 1")
     if not 0 <= cfg.replay <= 1:
         parser.error("--replay must be in [0, 1]")
-    return cfg, args.resume
+    if args.accept_changes and not args.resume:
+        parser.error("--accept-changes goes with --resume")
+    return cfg, dict(resume=args.resume, overwrite=args.overwrite, accept_changes=args.accept_changes)
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg, resume = parse_args(argv)
-    train(cfg, resume=resume)
+    cfg, flags = parse_args(argv)
+    try:
+        train(cfg, **flags)
+    except (TrainingError, ValueError) as e:  # said in words: a folder, a checkpoint, a setting, the disk
+        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The sampler against a plain reference loop written here from DESIGN §3, plus its options and errors."""
+"""The sampler against a plain reference loop written here from the reference semantics, plus its options and errors."""
 from dataclasses import replace
 
 import pytest
@@ -51,9 +51,8 @@ class Counting:
 
     def __init__(self, inner, bias: dict[int, float] | None = None, supports_cache: bool | None = None):
         self.inner, self.bias, self.calls, self.rows = inner, bias or {}, 0, 0
-        self.name, self.device, self.max_length = inner.name, inner.device, inner.max_length
+        self.name, self.device, self.max_length, self.causal = inner.name, inner.device, inner.max_length, inner.causal
         self.supports_cache = inner.supports_cache if supports_cache is None else supports_cache
-        self.model = inner.model
 
     def __call__(self, *args, **kw):
         self.calls += 1
@@ -65,7 +64,7 @@ class Counting:
         return DenoiserOutput(logits, out.past_key_values)
 
 
-# -- the reference loop, written straight from DESIGN §3 -------------------------------------------
+# -- the reference loop, written straight from the reference ----------------------------------------------
 
 @torch.no_grad()
 def reference_generate(model, prompt, attention_mask, *, steps, gen_length, block_length, cfg_scale=0.0,
@@ -94,8 +93,9 @@ def reference_generate(model, prompt, attention_mask, *, steps, gen_length, bloc
                 logits = uncond + (cfg_scale + 1) * (cond - uncond)
             else:
                 logits = model(x, attention_mask=attn).logits
-            logits[..., mask_id] = -torch.inf  # the mask token is never a proposal (see generation.py)
-            x0 = logits.argmax(-1)
+            # As the official code: the confidence is the softmax of the raw logits (p(MASK) included);
+            # the mask token is kept out of the proposal only (see generation.py).
+            x0 = logits.index_fill(-1, torch.tensor([mask_id]), -torch.inf).argmax(-1)
             p = torch.softmax(logits.float(), -1).gather(-1, x0[..., None]).squeeze(-1)
             p[:, hi:] = -torch.inf
             conf = torch.where(masked, p, -torch.inf)
@@ -465,3 +465,104 @@ def test_parse_constraints(tiny_tokenizer):
     for bad in ("fairest", "x:fairest", "3:"):
         with pytest.raises(ValueError, match="position:word"):
             parse_constraints(bad, tiny_tokenizer)
+
+
+# -- the confidence as the references compute it -----------------------------------------------------
+
+@pytest.fixture(scope="module")
+def mask_heavy_model(tiny_tokenizer):
+    """A model whose LM head ranks the mask token high: p(MASK) is large at every position (as on a
+    random-weight checkpoint, where the references and a MASK-free softmax part ways)."""
+    torch.manual_seed(4)
+    model = LLaDAModelLM(tiny_config(tiny_tokenizer, n_layers=1)).eval()
+    head = model.model.transformer.ff_out.weight
+    with torch.no_grad():
+        h = model.model.transformer.ln_f(model.model.transformer.wte.weight[:50]).mean(0)
+        head[tiny_tokenizer.mask_token_id] = 6.0 * h / h.norm() ** 2  # logit ≈ 6 above the rest
+    return model
+
+
+def test_confidence_is_the_softmax_of_the_raw_logits_with_a_heavy_mask_token(mask_heavy_model, prompts, ids):
+    mask_id = ids["mask_id"]
+    prompt, attn = pad_prompts(list(prompts), ids["eos_id"])
+    cfg = GenerationConfig(gen_length=8, block_length=8, steps=8)
+    steps = list(sample_steps(TorchDenoiser(mask_heavy_model), prompt, attn, cfg, **ids))
+    P, full = prompt.shape[1], torch.cat([attn, torch.ones(2, 8, dtype=attn.dtype)], 1)
+    x = torch.cat([prompt, torch.full((2, 8), mask_id)], 1)
+    p_mask = []
+    for step in steps:
+        with torch.no_grad():
+            probs = torch.softmax(mask_heavy_model(x, attention_mask=full).logits.float(), -1)  # p(MASK) included
+        p_mask.append(probs[:, P:, mask_id].mean().item())
+        for b, pos in step.revealed.nonzero().tolist():
+            tok = step.ids[b, pos].item()
+            assert tok != mask_id  # never proposed
+            torch.testing.assert_close(step.confidence[b, pos], probs[b, pos, tok], atol=1e-6, rtol=0)
+        x = step.ids
+    assert max(p_mask) > 0.3  # the case this test is about
+    want = reference_generate(mask_heavy_model, prompt, attn, steps=8, gen_length=8, block_length=8, mask_id=mask_id)
+    assert torch.equal(steps[-1].ids, want)
+
+
+def test_suppress_eos_takes_eos_out_of_the_proposal_and_the_softmax(mask_heavy_model, prompts, ids):
+    prompt, attn = pad_prompts(list(prompts), ids["eos_id"])
+    cfg = GenerationConfig(gen_length=8, block_length=8, steps=8, suppress_eos=True)
+    steps = list(sample_steps(TorchDenoiser(mask_heavy_model), prompt, attn, cfg, **ids))
+    x = torch.cat([prompt, torch.full((2, 8), ids["mask_id"])], 1)
+    full = torch.cat([attn, torch.ones(2, 8, dtype=attn.dtype)], 1)
+    for step in steps:
+        with torch.no_grad():
+            logits = mask_heavy_model(x, attention_mask=full).logits.float()
+        logits[..., ids["eos_id"]] = -torch.inf  # as the official code does before everything
+        probs = torch.softmax(logits, -1)
+        for b, pos in step.revealed.nonzero().tolist():
+            tok = step.ids[b, pos].item()
+            assert tok not in (ids["eos_id"], ids["mask_id"])
+            torch.testing.assert_close(step.confidence[b, pos], probs[b, pos, tok], atol=1e-6, rtol=0)
+        x = step.ids
+
+
+def test_factor_rule_follows_the_paper_for_the_last_ranked_candidate():
+    """Fast-dLLM's factor rule: accept the n-th most confident while c_n >= 1 - f / (n + 1), the first
+    always. With f = 1 the thresholds of ranks 1, 2, 3 are 0.5, 0.667, 0.75: [0.99, 0.9, 0.1] reveals
+    two. (The reference code also accepts the last-ranked candidate when only it fails; the paper's
+    rule, followed here, does not.)"""
+    from llada_app.generation import _count_to_reveal
+
+    cfg = GenerationConfig(factor=1.0)
+    cand = torch.ones(1, 3, dtype=torch.bool)
+    assert _count_to_reveal(torch.tensor([[0.99, 0.9, 0.1]]), cand, cfg, None).item() == 2
+    assert _count_to_reveal(torch.tensor([[0.99, 0.9, 0.8]]), cand, cfg, None).item() == 3
+    assert _count_to_reveal(torch.tensor([[0.2, 0.1, 0.05]]), cand, cfg, None).item() == 1  # at least one
+    # ranks sort by confidence, not position; a failed rank ends the run even if later ones would pass
+    assert _count_to_reveal(torch.tensor([[0.1, 0.99, 0.6]]), cand, cfg, None).item() == 1
+
+
+@pytest.mark.parametrize("T", [0.5, 2.0])
+def test_gumbel_proposals_follow_softmax_of_logits_over_temperature(T):
+    """exp(l) / (-log U)^T is the reference's Gumbel-max trick: its argmax is a draw from softmax(l / T).
+    Checked by frequencies over 40000 draws (an inverted exponent would give softmax(l * T))."""
+    from llada_app.generation import _propose
+
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0]).repeat(200, 200, 1)  # [B, T, V]: 40000 positions
+    cfg = GenerationConfig(temperature=T)
+    gen = torch.Generator().manual_seed(0)
+    x0, _ = _propose(logits, cfg, gen, torch.tensor([3]), None, eos_id=1, eot_id=None)  # id 3 is the mask
+    freq = torch.bincount(x0.flatten(), minlength=4).float() / x0.numel()
+    want = torch.softmax(torch.tensor([2.0, 1.0, 0.0, -torch.inf]) / T, -1)
+    torch.testing.assert_close(freq, want, atol=0.01, rtol=0)
+
+
+def test_arm_fills_a_finished_row_while_another_goes_on(causal_model, prompts, ids):
+    """Two rows, one stops early: its later columns hold stop_ids[0]; the other row decodes as if alone."""
+    d = TorchDenoiser(causal_model)
+    a, b = prompts
+    prompt, mask = pad_prompts([a, b], ids["eos_id"])
+    free = generate_arm(d, prompt, mask, max_new_tokens=8, stop_ids=[10 ** 6])  # no stop: 8 tokens each
+    P = prompt.shape[1]
+    stop = int(free[0, P + 1])  # row 0's 2nd token, as a stop id
+    assert stop not in free[1, P:].tolist()  # row 1 never produces it: it decodes all 8 tokens
+    got = generate_arm(d, prompt, mask, max_new_tokens=8, stop_ids=[stop, 10 ** 6])
+    assert got.shape == free.shape
+    assert got[0, P:].tolist() == free[0, P:P + 2].tolist() + [stop] * 6  # filled after its stop
+    assert torch.equal(got[1], free[1])

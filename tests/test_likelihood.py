@@ -21,7 +21,7 @@ def pair(tiny_tokenizer):
 @pytest.fixture(scope="module")
 def fitted_model(tiny_tokenizer, pair):
     """The tiny model overfitted on one prompt/answer pair for 80 steps with the SFT form of the MDM loss
-    (DESIGN §4: answer tokens masked with probability p, loss / p, prompt never masked)."""
+    (the SFT recipe: answer tokens masked with probability p, loss / p, prompt never masked)."""
     torch.manual_seed(0)
     model = LLaDAModelLM(tiny_config(tiny_tokenizer)).train()
     prompt, answer = pair
@@ -94,3 +94,28 @@ def test_bad_arguments_raise(tiny_model, tiny_tokenizer, pair, kw, match):
         log_likelihood(TorchDenoiser(tiny_model), pair[0], [], mask_id=tiny_tokenizer.mask_token_id)
     with pytest.raises(ValueError, match="context"):
         log_likelihood(TorchDenoiser(tiny_model), pair[0] * 20, pair[1], mask_id=tiny_tokenizer.mask_token_id)
+
+
+@pytest.mark.parametrize("L", [2, 3])
+def test_estimate_converges_to_the_elbo_computed_by_enumeration(tiny_model, tiny_tokenizer, pair, L):
+    """The exact ELBO of an L-token answer: l uniform in 1..L, then every set of l masked positions equally
+    likely, scored sum(CE of the masked) * L / l. Enumerated here over all 2^L - 1 masks; the Monte Carlo
+    estimate must land on it (a wrong L / l weight moves it by far more than the tolerance)."""
+    from itertools import combinations
+    from math import comb
+
+    prompt, answer = pair[0], pair[1][:L]
+    mask_id = tiny_tokenizer.mask_token_id
+    exact = unweighted = 0.0
+    for n in range(1, L + 1):
+        for masked in combinations(range(L), n):
+            x = torch.tensor([prompt + [mask_id if i in masked else t for i, t in enumerate(answer)]])
+            with torch.no_grad():
+                logp = torch.log_softmax(tiny_model(x).logits[0, len(prompt):], -1)
+            ce = -sum(float(logp[i, answer[i]]) for i in masked)
+            exact += (1 / L) * (1 / comb(L, n)) * ce * L / n
+            unweighted += (1 / L) * (1 / comb(L, n)) * ce
+    est = log_likelihood(TorchDenoiser(tiny_model), prompt, answer, mask_id=mask_id, mc_num=2048, batch_size=256,
+                         seed=1)
+    assert est == pytest.approx(-exact, rel=0.02), (est, -exact)
+    assert abs(exact - unweighted) > 0.1 * exact  # with weight 1 instead of L / l it would land elsewhere

@@ -47,7 +47,11 @@ def test_load_model_gives_model_tokenizer_and_special_ids(bf16_dir, tiny_tokeniz
     assert loaded.ids.pad != loaded.ids.mask
     assert load_model(str(bf16_dir), device="cpu", dtype="bf16").dtype == torch.bfloat16
     info = loaded.describe()
-    assert info["parameters"] == sum(p.numel() for p in loaded.model.parameters()) and info["causal"] is False
+    c = loaded.model.config  # the architecture's count: embeddings, LM head, final norm, per block 2 norms,
+    kv = c.n_kv_heads * c.head_dim  # q/out d x d, k/v d x kv, SwiGLU 3 x d x hidden
+    per_block = 2 * c.d_model + 2 * c.d_model ** 2 + 2 * c.d_model * kv + 3 * c.d_model * c.mlp_hidden_size
+    assert info["parameters"] == 2 * c.embedding_size * c.d_model + c.d_model + c.n_layers * per_block
+    assert info["causal"] is False
 
 
 def test_missing_folder(tmp_path):

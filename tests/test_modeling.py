@@ -9,7 +9,7 @@ from llada_app.modeling import LLaDAConfig, LLaDAModelLM
 
 
 def reference_logits(model: LLaDAModelLM, ids: torch.Tensor, key_mask=None, causal=False) -> torch.Tensor:
-    """Plain float64 matmuls, RMSNorm, RoPE and softmax attention, written from DESIGN §2."""
+    """Plain float64 matmuls, RMSNorm, RoPE and softmax attention, written from the architecture's description."""
     cfg = model.config
     W = {k: v.double() for k, v in model.state_dict().items()}
     p = "model.transformer."

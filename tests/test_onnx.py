@@ -10,9 +10,10 @@ import torch
 
 from export.onnx_export import (
     MANIFEST_FILE, PARITY_FILE, TOLERANCES, ExportError, cache_folder, cached_export, check_parity, export_onnx,
-    model_fingerprint)
-from llada_app.backends import OnnxBackendError, OnnxDenoiser, TorchDenoiser, build_denoiser
-from llada_app.loading import DEFAULT_MODEL, LoadedModel, load_model, special_ids
+    onnx_denoiser)
+from llada_app import generation
+from llada_app.backends import OnnxBackendError, OnnxDenoiser, TorchDenoiser
+from llada_app.loading import DEFAULT_MODEL, LoadedModel, ModelCard, load_model, model_fingerprint
 from llada_app.modeling import LLaDAModelLM
 
 from conftest import tiny_config
@@ -28,7 +29,7 @@ def _assert_close(want: torch.Tensor, got: torch.Tensor):
 
 
 def _loaded(model, tokenizer, name) -> LoadedModel:
-    return LoadedModel(model.eval(), tokenizer, special_ids(tokenizer, model.config), name=name)
+    return LoadedModel(model.eval(), tokenizer, ModelCard.build(name, tokenizer, model.config))
 
 
 @pytest.fixture(scope="session")
@@ -183,15 +184,13 @@ def test_parity_check_fails_loudly(tiny_export, tiny_tokenizer, tmp_path):
 @pytest.mark.parametrize("mode", [dict(), dict(threshold=0.5), dict(cache="prefix"), dict(cache="dual"),
                                   dict(cache="dual", threshold=0.5, cfg_scale=1.0)])
 def test_generate_equal_on_both_back_ends(tiny_onnx, tiny_loaded, mode):
-    generation = pytest.importorskip("llada_app.generation")
-    _generate_equal(generation, tiny_onnx, tiny_loaded, mode, gen_length=16, block_length=8)
+    _generate_equal(tiny_onnx, tiny_loaded, mode, gen_length=16, block_length=8)
 
 
 @pytest.mark.parametrize("mode", [dict(cache="dual"), dict(cache="prefix", cfg_scale=1.0)])
 def test_length_search_equal_on_both_back_ends(tiny_onnx, tiny_loaded, mode):
     """Candidates 3..6 leave the batch at different steps of the first block: each back end's K/V cache
     loses their rows as they go."""
-    generation = pytest.importorskip("llada_app.generation")
     tok, ids = tiny_loaded.tokenizer, tiny_loaded.ids
     prompt, mask = generation.pad_prompts([tok("From fairest creatures")["input_ids"],
                                            tok("When forty winters shall besiege thy brow,")["input_ids"]], ids.pad)
@@ -202,7 +201,7 @@ def test_length_search_equal_on_both_back_ends(tiny_onnx, tiny_loaded, mode):
     assert torch.equal(want, got), f"ONNX and PyTorch disagree in mode {mode}"
 
 
-def _generate_equal(generation, onnx_denoiser, loaded, mode, gen_length, block_length, prompts=None):
+def _generate_equal(onnx, loaded, mode, gen_length, block_length, prompts=None):
     tok = loaded.tokenizer
     prompts = prompts or [tok("From fairest creatures")["input_ids"],
                           tok("When forty winters shall besiege thy brow,")["input_ids"]]
@@ -211,14 +210,13 @@ def _generate_equal(generation, onnx_denoiser, loaded, mode, gen_length, block_l
                                          temperature=0.0, **mode)
     kw = dict(mask_id=loaded.ids.mask, eos_id=loaded.ids.eos, eot_id=loaded.ids.eot)
     want = generation.generate(TorchDenoiser(loaded.model), ids, mask, config, **kw)
-    got = generation.generate(onnx_denoiser, ids, mask, config, **kw)
+    got = generation.generate(onnx, ids, mask, config, **kw)
     assert (got != loaded.ids.mask).all()
     assert torch.equal(want, got), f"ONNX and PyTorch disagree in mode {mode}"
 
 
 def test_causal_twin_decodes_alike(tiny_tokenizer, tmp_path):
     """The autoregressive twin (causal=True) through the cache graph: greedy decoding equal to PyTorch."""
-    generation = pytest.importorskip("llada_app.generation")
     torch.manual_seed(3)
     loaded = _loaded(LLaDAModelLM(tiny_config(tiny_tokenizer, causal=True)), tiny_tokenizer, "arm")
     onnx = _open(export_onnx(loaded, tmp_path / "arm"), loaded)
@@ -231,18 +229,15 @@ def test_causal_twin_decodes_alike(tiny_tokenizer, tmp_path):
     assert torch.equal(want, generation.generate_arm(onnx, ids, mask, **kw))
 
 
-# ---------------------------------------------------------------- the cache helper and build_denoiser
+# ---------------------------------------------------------------- the cache helper and onnx_denoiser
 
 def test_cached_export_is_reused(tiny_export, tiny_loaded, onnx_root):
     assert tiny_export == cache_folder(tiny_loaded, "fp32", onnx_root)
     assert model_fingerprint(tiny_loaded.model) in tiny_export.name
     stamp = (tiny_export / "model.onnx").stat().st_mtime_ns
-    denoiser = build_denoiser(tiny_loaded, "onnx", cache_root=onnx_root)  # finds the export, no new one
+    denoiser = onnx_denoiser(tiny_loaded, cache_root=onnx_root)  # finds the export, no new one
     assert denoiser.folder == tiny_export and (tiny_export / "model.onnx").stat().st_mtime_ns == stamp
     assert not list(onnx_root.glob("*.partial"))
-    assert isinstance(build_denoiser(tiny_loaded, "torch"), TorchDenoiser)
-    with pytest.raises(ValueError, match="unknown back end"):
-        build_denoiser(tiny_loaded, "tensorrt")
 
 
 def test_fingerprint_tells_checkpoints_apart(tiny_loaded, tiny_tokenizer, tiny_model_dir):
@@ -379,8 +374,6 @@ BUNDLED = Path(os.environ.get("LLADA_ONNX_TEST_MODEL", DEFAULT_MODEL))  # anothe
 
 @pytest.fixture(scope="session")
 def bundled(tmp_path_factory):
-    if not (BUNDLED / "config.json").is_file():
-        pytest.skip(f"the bundled model {BUNDLED} is not there yet (being trained)")
     loaded = load_model(str(BUNDLED), device="cpu", dtype="fp32")
     folder = export_onnx(loaded, tmp_path_factory.mktemp("bundled") / "onnx")
     report = check_parity(loaded, folder)
@@ -397,12 +390,45 @@ def test_bundled_model_exports_with_parity(bundled):
 
 @pytest.mark.parametrize("mode", [dict(), dict(threshold=0.9, cache="dual")])
 def test_bundled_generate_equal(bundled, mode):
-    generation = pytest.importorskip("llada_app.generation")
     from llada_app.tokenization import chat_prompt_ids
 
     loaded, folder, _ = bundled
     prompts = [chat_prompt_ids(loaded.tokenizer, [{"role": "user", "content": q}]) for q in
                ("What is the next line of: From fairest creatures we desire increase,",
                 "What is the first line of sonnet 2?")]
-    _generate_equal(generation, _open(folder, loaded), loaded, mode, gen_length=32, block_length=32,
+    _generate_equal(_open(folder, loaded), loaded, mode, gen_length=32, block_length=32,
                     prompts=prompts)
+
+
+# ---------------------------------------------------------------- broken and borrowed folders
+
+def test_an_export_without_its_manifest_cannot_vouch_for_its_weights(tiny_export, tiny_loaded, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_export, copy)
+    (copy / MANIFEST_FILE).unlink()
+    with pytest.raises(OnnxBackendError, match="no onnx_export.json with the fingerprint"):
+        _open(copy, tiny_loaded)
+    with pytest.raises(OnnxBackendError, match="python -m export --model .* --out NEW_FOLDER"):
+        onnx_denoiser(tiny_loaded, onnx_dir=copy)  # a user's folder: the error says how to recover
+
+
+def test_a_corrupt_cached_export_is_made_again(tiny_loaded, tmp_path):
+    root = tmp_path / "cache"
+    folder = cached_export(tiny_loaded, root=root)
+    (folder / "model.onnx").write_bytes(b"\x08\x01garbage")
+    denoiser = onnx_denoiser(tiny_loaded, cache_root=root)  # the cache is ours: exported again, not trusted
+    assert denoiser.folder == folder and (folder / "model.onnx").stat().st_size > 1000
+
+
+def test_export_never_deletes_files_it_did_not_write(tiny_export, tiny_model_dir, tmp_path, capsys):
+    from export.__main__ import main
+
+    mixed = tmp_path / "mixed"
+    shutil.copytree(tiny_export, mixed)
+    (mixed / "notes.txt").write_text("mine")
+    assert main(["--model", str(tiny_model_dir), "--out", str(mixed), "--no-check"]) == 1
+    assert "other files (notes.txt)" in capsys.readouterr().err and (mixed / "notes.txt").read_text() == "mine"
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    assert main(["--model", str(tiny_model_dir), "--out", str(a_file), "--no-check"]) == 1
+    assert "is a file, not a folder" in capsys.readouterr().err

@@ -1,16 +1,23 @@
-"""The reversal-poem task: phrasings, normalisation, corpus lookup and the evaluation plumbing."""
-import dataclasses
+"""The reversal-poem task: phrasings, normalisation, corpus lookup, both protocols and the evaluation."""
 import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 
-from llada_app.data import load_sonnets
-from llada_app.poems import (ChatAnswerer, PoemCorpus, _pairs, evaluate, followup_question, format_table, infill_accuracy,
-                             normalise, question)
+from llada_app import poems
+from llada_app.backends import TorchDenoiser
+from llada_app.data import followup_question, load_sonnets, question
+from llada_app.loading import BUNDLED_MODELS, LoadedModel, ModelCard, load_model
+from llada_app.modeling import LLaDAModelLM
+from llada_app.poems import (Decoding, PoemCorpus, StaleEvaluation, completion_batch, completion_canvas, evaluate,
+                             format_table, line_pairs, normalise, stored_evaluation, store_evaluation)
+
+from conftest import tiny_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -23,6 +30,7 @@ def test_question_phrasings():
     assert followup_question("next") == "And the line after that?"
     with pytest.raises(ValueError):
         question(line, "sideways")
+    assert poems.ask("床前明月光，", "next") == "床前明月光的下一句是什么？直接输出句子即可。"
 
 
 def test_normalise_ignores_case_space_and_punctuation():
@@ -45,20 +53,112 @@ def test_corpus_lookup_and_held_out_flag():
     assert [s.number for s in corpus.split("heldout")] == [26, 27, 28, 29, 30]
 
 
-def test_pairs_limit_spreads_over_the_split():
+def test_line_pairs_limit_spreads_over_the_split():
     sonnets = load_sonnets()[:2]
-    assert len(_pairs(sonnets, None)) == 26
-    picked = _pairs(sonnets, 4)
+    assert len(line_pairs(sonnets)) == 26
+    picked = line_pairs(sonnets, 4)
     assert len(picked) == 4 and picked[0][0] == sonnets[0].lines[0] and picked[-1][0] in sonnets[1].lines
 
 
+def test_line_lengths_of_a_split(tiny_tokenizer):
+    corpus = PoemCorpus(load_sonnets(), 30)
+    n = [len(tiny_tokenizer(line, add_special_tokens=False)["input_ids"])
+         for s in corpus.split("train") for line in s.lines]
+    assert corpus.line_lengths(tiny_tokenizer) == range(min(n), max(n) + 1)
+
+
+# ---------------------------------------------------------------------------------- the completion canvas
+
+def _loaded(model, tokenizer, name="tiny"):
+    return LoadedModel(model.eval(), tokenizer, ModelCard.build(name, tokenizer, model.config))
+
+
+@pytest.fixture(scope="module")
+def tiny_mdm(tiny_model, tiny_tokenizer):
+    return _loaded(tiny_model, tiny_tokenizer)
+
+
+@pytest.fixture(scope="module")
+def tiny_arm(tiny_tokenizer):
+    torch.manual_seed(2)
+    return _loaded(LLaDAModelLM(tiny_config(tiny_tokenizer, causal=True)), tiny_tokenizer, "tiny-arm")
+
+
+def test_completion_canvas_layout(tiny_tokenizer, tiny_mdm):
+    tok, ids = tiny_tokenizer, tiny_mdm.ids
+    line = "From fairest creatures we desire increase,"
+    given, newline = tok(line, add_special_tokens=False)["input_ids"], tok("\n", add_special_tokens=False)["input_ids"]
+    assert completion_canvas(tok, ids, line, "next", 3) == [ids.eos, *given, *newline, *[ids.mask] * 3, ids.eos]
+    assert completion_canvas(tok, ids, line, "previous", 2) == [ids.eos, ids.mask, ids.mask, *newline, *given, ids.eos]
+    canvases, attn = completion_batch(tok, ids, [line, "Shall I"], "previous", [4, 2])
+    # shortest gap first, row k * B + b; right padding never attended
+    assert canvases.shape[0] == 4 and (canvases[:2] == ids.mask).sum(1).tolist() == [2, 2]
+    assert (canvases[2:] == ids.mask).sum(1).tolist() == [4, 4]
+    assert attn.sum(1).tolist() == [len(completion_canvas(tok, ids, t, "previous", L))
+                                    for L in (2, 4) for t in (line, "Shall I")]
+
+
+def test_completion_fixes_the_given_line_and_searches_the_gap(tiny_mdm):
+    """Every step: the tokens outside the gap are the canvas's own (never proposed), only MASK slots get
+    revealed; every gap length is a candidate, and the kept answer is the most confident one."""
+    tok, ids = tiny_mdm.tokenizer, tiny_mdm.ids
+    line, lengths = "That thereby beauty's rose might never die,", range(3, 7)
+    steps = list(poems.completion_steps(TorchDenoiser(tiny_mdm.model), tok, ids, [line], "previous", lengths))
+    assert steps[-1].done and steps[-1].nfe == max(lengths)  # candidates side by side: the longest one's passes
+    candidates = [completion_canvas(tok, ids, line, "previous", L) for L in lengths]
+    for step in steps:
+        canvas = step.canvas[0].tolist()
+        assert canvas in [c + [ids.pad] * (len(step.canvas[0]) - len(c)) for c in candidates]
+        row, slots = step.ids[0].tolist(), [c == ids.mask for c in canvas]
+        assert [t for t, s in zip(row, slots) if not s] == [c for c, s in zip(canvas, slots) if not s]
+        assert not any(r and not s for r, s in zip(step.revealed[0, 1:].tolist(), slots[1:]))
+    # the kept candidate has the highest mean log-confidence of its revealed tokens
+    from llada_app.generation import candidate_steps
+
+    scores = []
+    for L in lengths:
+        canvases, attn = completion_batch(tok, ids, [line], "previous", [L])
+        run = list(candidate_steps(TorchDenoiser(tiny_mdm.model), canvases, attn, 1,
+                                   poems.completion_config(canvases.shape[1]), prompt_length=1, mask_id=ids.mask,
+                                   eos_id=ids.eos, eot_id=ids.eot))
+        logc = [float(s.confidence[0][s.revealed[0]].log().sum()) for s in run[:-1]]
+        scores.append((sum(logc) / L, L))
+    assert (steps[-1].canvas[0] == ids.mask).sum().item() == max(scores, key=lambda s: s[0])[1]
+
+
+def test_arm_completion_of_previous_cannot_see_the_line_after_its_gap(tiny_arm):
+    """The causal twin reads the canvas left to right: for "previous" its answer is the same whatever
+    line follows the gap; for "next" the given line comes first and changes the answer."""
+    answer = poems.Answerer(tiny_arm, Decoding(lengths=range(4, 9)))
+    lines = ["From fairest creatures we desire increase,", "When forty winters shall besiege thy brow,"]
+    prev = answer.complete(lines, "previous")
+    assert prev[0] == prev[1]
+    canvas = completion_canvas(tiny_arm.tokenizer, tiny_arm.ids, lines[0], "previous", 8)
+    assert poems.arm_completion_prompt(canvas, tiny_arm.ids.mask) == ([tiny_arm.ids.eos], 8)
+    # the causal model's logits over the gap do not change with the tokens after it
+    other = completion_canvas(tiny_arm.tokenizer, tiny_arm.ids, lines[1], "previous", 8)
+    n = min(len(canvas), len(other))
+    a = tiny_arm.model(torch.tensor([canvas[:n]])).logits[0, :9]
+    b = tiny_arm.model(torch.tensor([other[:n]])).logits[0, :9]
+    assert torch.allclose(a, b, atol=1e-5)
+    nxt = poems.Answerer(tiny_arm, Decoding(lengths=range(4, 9))).complete(lines, "next")
+    assert len(nxt) == 2
+
+
+# ---------------------------------------------------------------------------------- evaluation
+
 class _Oracle:
-    """Stands in for a model: answers questions from the corpus (checks the scoring, not a model)."""
+    """Stands in for the Answerer: answers from the corpus (checks the scoring, not a model)."""
 
     def __init__(self, corpus, wrong_direction=None):
         self.corpus, self.wrong = corpus, wrong_direction
 
-    def __call__(self, conversations, progress=lambda f: None):
+    def complete(self, lines, direction, progress=lambda f: None):
+        out = ["" if direction == self.wrong else self.corpus.expected(line, direction).upper() for line in lines]
+        progress(1.0)
+        return out
+
+    def chat(self, conversations, progress=lambda f: None):
         out = []
         for conv in conversations:
             line, direction = None, None
@@ -69,119 +169,104 @@ class _Oracle:
                 elif m["role"] == "assistant":
                     line = m["content"]
             out.append("" if direction == self.wrong else self.corpus.expected(line, direction).upper())
-            progress(len(out) / len(conversations))
+        progress(1.0)
         return out
 
 
-def test_evaluate_scores_exact_matches(monkeypatch, tiny_model, tiny_tokenizer):
+@pytest.mark.parametrize("protocol", poems.PROTOCOLS)
+def test_evaluate_scores_exact_matches(monkeypatch, tiny_mdm, protocol):
     corpus = PoemCorpus(load_sonnets(), 30)
-    import llada_app.poems as poems
-
-    monkeypatch.setattr(poems, "ChatAnswerer", lambda *a, **k: _Oracle(corpus, wrong_direction="previous"))
+    monkeypatch.setattr(poems, "Answerer", lambda *a, **k: _Oracle(corpus, wrong_direction="previous"))
     seen = []
-    r = evaluate(None, None, None, corpus, "heldout", limit=None, progress=seen.append)
-    assert (r.forward, r.reversal, r.n_pairs) == (1.0, 0.0, 65)
-    assert seen == sorted(seen) and seen[0] > 0 and seen[-1] == 1.0 and 0.5 in seen  # directions, then follow-ups
-    assert 0.4 < r.multiturn < 0.6  # forward chains right, backward chains wrong
-    assert "| model (heldout) | 100.0 | 0.0 |" in format_table([r])
+    r = evaluate(tiny_mdm, corpus, "heldout", protocol, decoding=Decoding(), multiturn=True, progress=seen.append)
+    assert (r.forward, r.reversal, r.n_pairs, r.protocol) == (1.0, 0.0, 65, protocol)
+    assert seen == sorted(seen) and seen[-1] == 1.0
+    if protocol == "chat":
+        assert 0.4 < r.multiturn < 0.6  # forward chains right, backward chains wrong
+    else:
+        assert r.multiturn is None and r.n_followups == 0  # follow-ups are a chat question
+    assert len(r.items) == 130 and sum(i["correct"] for i in r.items) == 65
+    assert r.examples("previous") == [] and len(r.examples("next")) == 65
+    assert f"| tiny [MDM] | {protocol} | heldout | 100.0 | 0.0 | 65 |" in format_table([r])
 
 
-def test_chat_answerer_runs_both_decoders(tiny_model, tiny_tokenizer):
-    from llada_app.loading import special_ids
-    from llada_app.modeling import LLaDAModelLM
-
-    ids = special_ids(tiny_tokenizer, tiny_model.config)
+def test_answerer_runs_every_decoder(tiny_mdm, tiny_arm):
     conv = [[{"role": "user", "content": question("From fairest creatures we desire increase,", "next")}]] * 2
-    mdm = ChatAnswerer(tiny_model, tiny_tokenizer, ids, gen_length=8)(conv)
-    causal = LLaDAModelLM(type(tiny_model.config)(**{**tiny_model.config.to_dict(), "causal": True})).eval()
-    arm = ChatAnswerer(causal, tiny_tokenizer, ids, gen_length=8)(conv)
-    assert len(mdm) == len(arm) == 2 and all(isinstance(a, str) for a in mdm + arm)
-    assert mdm[0] == mdm[1]  # greedy decoding of the same prompt
-    seen = []
-    assert ChatAnswerer(tiny_model, tiny_tokenizer, ids, gen_length=8, batch_size=1)(conv, seen.append) == mdm
-    assert seen == [0.5, 1.0]  # after each batch
-
-
-def test_chat_answerer_semi_autoregressive_blocks(tiny_model, tiny_tokenizer, capsys):
-    from llada_app.loading import special_ids
-    from llada_app.poems import main
-
-    ids = special_ids(tiny_tokenizer, tiny_model.config)
-    conv = [[{"role": "user", "content": question("From fairest creatures we desire increase,", "next")}]]
-    one = ChatAnswerer(tiny_model, tiny_tokenizer, ids, gen_length=8)
-    blocks = ChatAnswerer(tiny_model, tiny_tokenizer, ids, gen_length=8, block_length=4)
-    assert (one.config.num_blocks, blocks.config.num_blocks, blocks.config.steps) == (1, 2, 8)
-    assert isinstance(blocks(conv)[0], str)
+    for loaded in (tiny_mdm, tiny_arm):
+        for decoding in (Decoding(gen_length=8), Decoding(gen_length=8, lengths=range(2, 5))):
+            a = poems.Answerer(loaded, decoding)
+            answers = a.chat(conv)
+            assert len(answers) == 2 and answers[0] == answers[1]  # greedy decoding of the same prompt
+            seen = []
+            assert poems.Answerer(loaded, decoding, batch_size=1).chat(conv, seen.append) == answers
+            assert seen == [0.5, 1.0]  # after each batch
     with pytest.raises(ValueError, match="not divisible by block length"):
-        ChatAnswerer(tiny_model, tiny_tokenizer, ids, gen_length=8, block_length=3)
-    with pytest.raises(SystemExit):
-        main(["eval", "--model", str(ROOT / "assets/models/sonnets-mdm"), "--block-length", "5", "--limit", "1",
-              "--device", "cpu"])
-    assert "not divisible by block length 5" in capsys.readouterr().err
+        poems.Answerer(tiny_mdm, Decoding(gen_length=8, block_length=3))
 
 
-def test_eval_cli_on_a_micro_model(tmp_path):
-    from llada_app.train import parse_args, train
+def test_stored_evaluation_is_refused_for_other_weights_or_settings(tmp_path, tiny_mdm, tiny_tokenizer):
+    corpus = PoemCorpus(load_sonnets(), 30)
+    decoding = Decoding(gen_length=8, lengths=range(2, 4))
+    results = [evaluate(tiny_mdm, corpus, "heldout", "completion", decoding=decoding, limit=2)]
+    key = poems.evaluation_key(tiny_mdm, decoding, {"heldout": 2})
+    store_evaluation(tmp_path, key, results)
+    back = stored_evaluation(tmp_path, key)
+    assert [r.forward for r in back] == [results[0].forward] and back[0].items == results[0].items
+    torch.manual_seed(11)
+    other = _loaded(LLaDAModelLM(tiny_config(tiny_tokenizer)), tiny_tokenizer)
+    with pytest.raises(StaleEvaluation, match="other weights"):
+        stored_evaluation(tmp_path, poems.evaluation_key(other, decoding, {"heldout": 2}))
+    with pytest.raises(StaleEvaluation, match="other settings .*decoding"):
+        stored_evaluation(tmp_path, poems.evaluation_key(tiny_mdm, replace(decoding, gen_length=16), {"heldout": 2}))
+    (tmp_path / poems.EVALUATION).write_text("{not json")
+    with pytest.raises(StaleEvaluation, match="unreadable"):
+        stored_evaluation(tmp_path, key)
+    assert stored_evaluation(tmp_path / "none", key) is None
 
-    cfg, _ = parse_args(["--preset", "micro", "--output-dir", str(tmp_path), "--no-progress", "--pretrain-steps", "5",
-                         "--sft-steps", "0"])
-    train(cfg)
-    proc = subprocess.run([sys.executable, "-m", "llada_app.poems", "eval", "--model", str(tmp_path), "--limit", "3",
-                           "--json", "--device", "cpu"], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+def _eval_cli(*args):
+    proc = subprocess.run([sys.executable, "-m", "llada_app.poems", "eval", *args, "--json", "--device", "cpu"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stderr
-    result = json.loads(proc.stdout)[0]
-    assert result["n_pairs"] == 3 and 0 <= result["forward"] <= 1 and "[MDM]" in result["model"]
+    return json.loads(proc.stdout)
 
 
-def test_infill_probe_reads_what_the_bundled_mdm_knows():
-    """The knowledge probe fills a held-out line next to its neighbour: the bundled MDM knows most of
-    them (80.0 / 72.3 on all 65 pairs), while the ARM is not probed."""
-    from llada_app.loading import BUNDLED_MODELS, load_model
-
-    corpus = PoemCorpus(load_sonnets(), 30)
-    mdm = load_model(BUNDLED_MODELS / "sonnets-mdm", device="cpu")
-    pairs = _pairs(corpus.split("heldout"), 12)
-    fwd, rev = infill_accuracy(mdm.model, mdm.tokenizer, mdm.ids, pairs)
-    assert fwd >= 0.5 and rev >= 0.5, (fwd, rev)
-    shuffled = [(a, b) for (a, _), (_, b) in zip(pairs, pairs[1:] + pairs[:1])]  # wrong neighbours
-    assert infill_accuracy(mdm.model, mdm.tokenizer, mdm.ids, shuffled)[0] < fwd
-    arm = load_model(BUNDLED_MODELS / "sonnets-arm", device="cpu")
-    r = evaluate(arm.model, arm.tokenizer, arm.ids, corpus, "heldout", limit=2, multiturn=False, infill=True)
-    assert r.infill_forward is None and "| — | 2 |" in format_table([r])  # no follow-ups were asked
-    probed = dataclasses.replace(r, model="mdm", infill_forward=fwd, infill_reversal=rev)
-    table = format_table([probed, r])
-    assert "Infill fwd / rev" in table and f"{100 * fwd:.1f} / {100 * rev:.1f} |" in table and table.endswith("| — |")
+@pytest.mark.parametrize("protocol", poems.PROTOCOLS)
+def test_eval_cli_reports_both_directions_on_the_bundled_pair(protocol):
+    """`poems eval --protocol P --json`: one row per model, forward and reversal; on the completion
+    canvas the MDM answers held-out previous lines and its twin cannot (README: 78.5 / 63.1 and 100 / 0
+    on all 65 pairs)."""
+    rows = _eval_cli("--model", str(BUNDLED_MODELS / "sonnets-mdm"), "--model", str(BUNDLED_MODELS / "sonnets-arm"),
+                     "--protocol", protocol, "--limit", "8")
+    assert [(r["kind"], r["protocol"], r["n_pairs"]) for r in rows] == [("MDM", protocol, 8), ("ARM", protocol, 8)]
+    assert all(len(r["items"]) == 16 and 0 <= r["forward"] <= 1 and 0 <= r["reversal"] <= 1 for r in rows)
+    mdm, arm = rows
+    assert arm["forward"] >= 0.75 and arm["reversal"] <= 0.125
+    if protocol == "completion":
+        assert mdm["reversal"] >= 0.5 > arm["reversal"]
 
 
-def test_length_search_ranges(tiny_tokenizer, capsys):
-    from llada_app.generation import parse_lengths
-    from llada_app.poems import main, sft_line_lengths
-
-    assert parse_lengths("3:5") == range(3, 6) and parse_lengths(" ") is None
-    for bad in ("5:3", "0:4", "x", "4", "a:b"):
-        with pytest.raises(ValueError, match="answer lengths"):
-            parse_lengths(bad)
-    corpus = PoemCorpus(load_sonnets(), 30)
-    lengths = [len(tiny_tokenizer(line, add_special_tokens=False)["input_ids"])
-               for s in corpus.split("train") for line in s.lines]
-    assert sft_line_lengths(corpus, tiny_tokenizer) == range(min(lengths), max(lengths) + 1)
+def test_eval_cli_errors(capsys):
     with pytest.raises(SystemExit):
-        main(["eval", "--model", str(ROOT / "assets/models/sonnets-mdm"), "--length-search", "9:4", "--limit", "1"])
+        poems.main(["eval", "--model", str(BUNDLED_MODELS / "sonnets-mdm"), "--block-length", "5", "--limit", "1",
+                    "--device", "cpu", "--protocol", "chat"])
+    assert "not divisible by block length 5" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        poems.main(["eval", "--model", str(BUNDLED_MODELS / "sonnets-mdm"), "--lengths", "9:4"])
     assert "answer lengths need 1 <= MIN <= MAX" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        poems.main(["eval", "--model", "/no/such/folder"])
+    assert "model folder not found" in capsys.readouterr().err
 
 
 def test_length_search_answers_the_bundled_mdm_in_whole_lines():
     """Fixed-length decoding lets the bundled MDM commit its end-of-answer padding before the content;
-    decoding every line length of the SFT sonnets and keeping the most confident does better on the
-    held-out forward questions (README: 40.0 against 20.0 on all 65 pairs)."""
-    from llada_app.loading import BUNDLED_MODELS, load_model
-    from llada_app.poems import sft_line_lengths
-
+    decoding every line length of the SFT sonnets and keeping the most confident does better (on 65
+    pairs: SFT split forward 87.7 against 69.2, held-out 52.3 against 27.7)."""
     mdm = load_model(BUNDLED_MODELS / "sonnets-mdm", device="cpu")
-    corpus = PoemCorpus.for_model(BUNDLED_MODELS / "sonnets-mdm")
-    lengths = sft_line_lengths(corpus, mdm.tokenizer)
-    plain = evaluate(mdm.model, mdm.tokenizer, mdm.ids, corpus, "heldout", limit=16, multiturn=False)
-    search = evaluate(mdm.model, mdm.tokenizer, mdm.ids, corpus, "heldout", limit=16, multiturn=False,
-                      length_search=lengths)
-    assert search.forward > plain.forward, (search.forward, plain.forward)
+    corpus = PoemCorpus.for_card(mdm.card)
+    search = Decoding.for_model(mdm.card, corpus, mdm.tokenizer)
+    assert search.lengths == corpus.line_lengths(mdm.tokenizer)
+    plain = evaluate(mdm, corpus, "train", "chat", decoding=replace(search, lengths=None), limit=20)
+    searched = evaluate(mdm, corpus, "train", "chat", decoding=search, limit=20)
+    assert searched.forward + searched.reversal > plain.forward + plain.reversal, (searched, plain)

@@ -1,4 +1,4 @@
-"""Chat formatting against the exact token sequence of the LLaDA-8B-Instruct template (DESIGN §2)."""
+"""Chat formatting against the exact token sequence of the LLaDA-8B-Instruct template"""
 import pytest
 
 from llada_app.tokenization import chat_prompt_ids

@@ -15,7 +15,7 @@ from gradio_client.exceptions import AppError
 from ui_support import free_port, mask_count, message_text, strip_tags
 
 from llada_app import poems
-from llada_app.generation import parse_lengths
+from llada_app.data import followup_question, question
 from llada_app.studio import DECODING_MODES, MASK_GLYPH, ChatSettings, Stopped, build_studio, render_canvas
 from llada_app.tokenization import chat_prompt_ids, decode_answer
 from llada_app.ui import build_app, launch
@@ -73,28 +73,39 @@ def test_canvas_marks_masks_new_tokens_and_escapes(studio):
     revealed[0] = True
     conf = [0.0] * len(answer)
     conf[0] = 0.97
-    page, masks = render_canvas(tok, answer, revealed, conf, ids)
-    assert masks == 4 and page.count(MASK_GLYPH) == 4
+    page = render_canvas(tok, ids, answer, revealed=revealed, confidence=conf)
+    assert mask_count(page) == 4
     assert "<b>" not in page and "&lt;" in page  # model text is never live HTML
     assert page.count('class="ld-new"') == 1 and "confidence 0.97" in page
-    assert strip_tags(page).replace("&lt;", "<").replace("&gt;", ">").startswith("<b>rose</b>")
+    assert strip_tags(page).startswith("<b>rose</b>")
     # The history gets the text up to the end-of-text token, masks and specials dropped.
     assert decode_answer(tok, answer, ids) == "<b>rose</b>"
+    # Given text (a poem's given line) is styled as given, apart from what the model reveals.
+    given = tok("\nShall I", add_special_tokens=False)["input_ids"]
+    canvas = [ids.mask] * 2 + given + [ids.eos]
+    page = render_canvas(tok, ids, canvas, canvas=canvas)
+    assert mask_count(page) == 2 and page.count('class="ld-given"') == 1 and "Shall I" in page
+    causal = render_canvas(tok, ids, word, causal=True, after=given)
+    assert 'class="ld-given ld-unseen"' in causal and causal.index("rose") < causal.index("Shall")
 
 
 # ---------------------------------------------------------------------------------- chat
 
 def test_two_turn_chat_puts_the_first_turn_in_the_prompt(server, studio, app_models, prompts):
+    from llada_app.ui import chat_examples
+
     client = Client(server, verbose=False)
-    sonnet = studio.corpus.split("train")[0]
-    q1 = poems.question(sonnet.lines[0], "next")
+    stored = poems.stored_evaluation(studio.mdm.folder, poems.evaluation_key(studio.mdm, studio.decoding,
+                                                                              poems.STORED_LIMITS))
+    answered = chat_examples(studio, stored or [])  # questions the model was measured to answer (if any)
+    q1 = answered[0] if answered else question(studio.corpus.split("train")[0].lines[0], "next")
     history, stats = chat(client, q1)
     assert [m["role"] for m in history] == ["user", "assistant"]
     a1 = message_text(history[1])
     assert "ld-canvas" not in a1 and MASK_GLYPH not in a1  # the final message is plain text
     assert "NFE" in stats and "tokens/s" in stats and "torch" in stats
 
-    q2 = poems.followup_question("next")
+    q2 = followup_question("next")
     history, _ = chat(client, q2)
     assert [m["role"] for m in history] == ["user", "assistant", "user", "assistant"]
     assert message_text(history[0]) == q1 and message_text(history[1]) == a1
@@ -109,8 +120,8 @@ def test_two_turn_chat_puts_the_first_turn_in_the_prompt(server, studio, app_mod
 
 def test_chat_streams_steps_with_fewer_and_fewer_masks(server):
     client = Client(server, verbose=False)
-    job = client.submit("Shall I compare thee to a summer's day?", **FAST, api_name="/chat")
-    job.result(timeout=120)
+    job = client.submit("Shall I compare thee to a summer's day?", **FAST, lengths="", api_name="/chat")
+    job.result(timeout=120)  # one fixed canvas (a length search shows whichever candidate leads)
     frames = [message_text(out[0][-1]) for out in job.outputs()]
     counts = [mask_count(f) for f in frames]
     assert len(frames) >= 5, counts  # a live stream, not one answer at the end
@@ -180,8 +191,8 @@ def test_length_search_answers_within_the_lengths_and_refuses_bad_ones(studio, s
     assert [f.done for f in frames].count(True) == 1
     assert all(f.stats.endswith(" · length search 6–8 tokens") for f in frames[1:])
     _, stats = chat(Client(server, verbose=False), "hello")  # the page's and the API's default
-    if studio.answer_slots:  # a model trained here: both tabs search its SFT line lengths by default
-        r = poems.sft_line_lengths(studio.corpus, studio.mdm.tokenizer)
+    if studio.mdm.card.answer_slots:  # a model trained here: both tabs search its SFT line lengths by default
+        r = studio.corpus.line_lengths(studio.mdm.tokenizer)
         assert studio.answer_lengths == studio.default_settings().lengths == f"{r.start}:{r.stop - 1}"
         assert stats.endswith(f" · length search {r.start}–{r.stop - 1} tokens")
     else:
@@ -195,15 +206,15 @@ def test_length_search_answers_within_the_lengths_and_refuses_bad_ones(studio, s
 
 def test_two_concurrent_clients_keep_their_own_conversations(server, studio, prompts):
     sonnets = studio.corpus.split("train")
-    questions = {"a": poems.question(sonnets[0].lines[4], "next"),
-                 "b": poems.question(sonnets[1].lines[6], "previous")}
+    questions = {"a": question(sonnets[0].lines[4], "next"),
+                 "b": question(sonnets[1].lines[6], "previous")}
     results, errors = {}, []
 
     def converse(key):
         try:
             client = Client(server, verbose=False)
             chat(client, questions[key])
-            results[key], _ = chat(client, poems.followup_question("next"))
+            results[key], _ = chat(client, followup_question("next"))
         except Exception as e:  # noqa: BLE001  (re-raised in the main thread below)
             errors.append(e)
 
@@ -227,7 +238,7 @@ class CountingDenoiser:
 
     def __init__(self, inner, delay_s: float):
         self.inner, self.delay_s, self.calls = inner, delay_s, 0
-        self.name, self.device = inner.name, inner.device
+        self.name, self.device, self.causal = inner.name, inner.device, inner.causal
         self.supports_cache, self.max_length = inner.supports_cache, inner.max_length
 
     def __call__(self, *args, **kwargs):
@@ -299,13 +310,12 @@ def test_should_stop_ends_the_poem_stream_and_closes_both_samplers(studio):
     mdm = CountingDenoiser(studio.current_denoiser(), delay_s=0.0)
     arm_original = studio._arm_denoiser
     arm = CountingDenoiser(arm_original, delay_s=0.0)
-    arm.causal = True
     studio.denoiser, studio._arm_denoiser = mdm, arm
     try:
         frames = []
         with pytest.raises(Stopped, match="step 3"):
-            for pf in studio.stream_poem("From fairest creatures we desire increase,", "next", ChatSettings(**FAST),
-                                         should_stop=lambda: len(frames) >= 3):
+            for pf in studio.stream_poem("From fairest creatures we desire increase,", "next", "chat",
+                                         ChatSettings(**FAST), should_stop=lambda: len(frames) >= 3):
                 frames.append(pf)
         # Each poem frame advances the MDM, then the ARM, by one step (the first shows blank canvases).
         # The MDM's third step saw the stop: no forward pass ran after it, and the ARM stopped at step 2.
@@ -317,56 +327,82 @@ def test_should_stop_ends_the_poem_stream_and_closes_both_samplers(studio):
 
 
 @pytest.mark.parametrize("mode", list(DECODING_MODES))
-def test_every_decoding_mode_answers(server, mode):
+def test_every_decoding_mode_answers(server, app_models, mode):
     history, stats = chat(Client(server, verbose=False), "hello", mode=mode, threshold=0.5,
-                          gen_length=32, block_length=16, steps=32)
-    assert MASK_GLYPH not in message_text(history[-1])
+                          gen_length=32, block_length=16, steps=32, lengths="")
+    assert MASK_GLYPH not in message_text(history[-1]) and "done" in stats
     nfe = int(stats.split("NFE ")[1].split(" ")[0])
-    assert 1 <= nfe <= 32 and "done" in stats
+    if DECODING_MODES[mode][0]:  # τ = 0.5: a trained model reveals several tokens in some steps
+        assert nfe < 32 if app_models[2] else nfe <= 32
+    else:  # the fixed schedule: 16 tokens per block in 16 steps, one forward pass each, caches or not
+        assert nfe == 32
 
 
 # ---------------------------------------------------------------------------------- poems
 
 @pytest.mark.parametrize("direction", ["next", "previous"])
-def test_poem_runs_both_models_in_both_directions(server, studio, direction):
+@pytest.mark.parametrize("protocol", ["completion", "chat"])
+def test_poem_runs_both_models_in_both_directions(server, studio, direction, protocol):
     client = Client(server, verbose=False)
     line = studio.corpus.split("train")[0].lines[1]
-    job = client.submit(line, direction, pace_ms=0, api_name="/poem")
+    job = client.submit(line, direction, protocol, pace_ms=0, api_name="/poem")
     mdm_html, arm_html, verdict, result = job.result(timeout=120)
-    assert result["question"] == poems.question(line, direction)
+    assert result["protocol"] == protocol
     assert result["expected"] == studio.corpus.expected(line, direction) is not None
     assert isinstance(result["mdm"], str) and isinstance(result["arm"], str)
     assert "ld-canvas" in mdm_html and "ld-canvas" in arm_html and MASK_GLYPH not in mdm_html
     assert "Expected" in verdict and result["expected"] in verdict
-    # Both sides were animated: the MDM from all masks, the ARM growing left to right.
     frames = job.outputs()
-    assert len(frames) >= 3 and mask_count(frames[0][0]) == (studio.answer_slots or poems.GEN_LENGTH)
     arm_lengths = [len(strip_tags(f[1])) for f in frames]
-    assert arm_lengths[0] < arm_lengths[-1]
+    assert len(frames) >= 3 and arm_lengths[0] < arm_lengths[-1]  # the ARM grows left to right
+    if protocol == "chat":
+        assert result["question"] == question(line, direction)
+        assert mask_count(frames[0][0]) == studio.decoding.gen_length  # the MDM starts from all masks
+        assert "ld-given" not in mdm_html
+    else:  # the given line sits in both canvases as given text; the MDM's gap starts as masks beside it
+        shortest = studio.decoding.gap_lengths().start
+        assert mask_count(frames[0][0]) == shortest and line in strip_tags(frames[0][0])
+        assert "ld-given" in mdm_html and "ld-given" in arm_html
+        gap_first = direction == "previous"
+        assert (strip_tags(mdm_html).index(line.split()[0]) > 0) == gap_first
 
 
 def test_poem_outside_the_corpus_and_empty_line(server):
     client = Client(server, verbose=False)
-    *_, result = client.predict("A line that no sonnet has", "next", api_name="/poem")
+    *_, result = client.predict("A line that no sonnet has", "next", "completion", api_name="/poem")
     assert result["expected"] is None and result["mdm_correct"] is None
     with pytest.raises(AppError, match="line of a poem"):
-        client.predict("", "next", api_name="/poem")
+        client.predict("", "next", "completion", api_name="/poem")
+    with pytest.raises(AppError, match="not in the list of choices"):  # the page's radio refuses it
+        client.predict("Shall I", "next", "prose", api_name="/poem")
+    with pytest.raises(AppError, match="the line is too long"):
+        client.predict("rose " * 400, "next", "completion", api_name="/poem")
 
 
 def test_evaluation_table_and_chart(server, studio):
-    table, plot = Client(server, verbose=False).predict(api_name="/evaluate")
-    assert table["headers"] == ["model", "forward", "reversal", "pairs"]
-    kinds = [row[0].rsplit("[", 1)[1] for row in table["data"]]
-    assert kinds == ["MDM]", "ARM]"]
-    assert all(0 <= row[1] <= 100 and 0 <= row[2] <= 100 and row[3] == 8 for row in table["data"])
+    """Both protocols × both models, measured through the page, then the quoted paper rows. Each figure
+    is the share of its answers that match the corpus line, and an answer is what the poem tab gives."""
+    table, plot, note = Client(server, verbose=False).predict(api_name="/evaluate")
+    assert table["headers"] == ["model", "protocol", "next line", "previous line", "pairs", "source"]
+    measured = [row for row in table["data"] if row[5] == "measured now"]
+    assert [(row[0].rsplit("[", 1)[1], row[1]) for row in measured] == [
+        ("MDM]", "completion"), ("MDM]", "chat"), ("ARM]", "completion"), ("ARM]", "chat")]
+    assert all(row[4] == 8 for row in measured) and "Measured now" in note
+    quoted = [row for row in table["data"] if row[5].startswith("quoted")]
+    assert ["LLaDA-8B-Instruct", "chat (Chinese couplets)", 51.8, 45.6, 496] == quoted[0][:5]
     assert plot["type"] == "matplotlib" and plot["plot"]
-    # the MDM is scored as the poem tab answers: with its default length search, if it has one
-    lengths = parse_lengths(studio.answer_lengths)
-    mdm = studio.mdm
-    want = poems.evaluate(mdm.model, mdm.tokenizer, mdm.ids, studio.corpus, "heldout", 8, multiturn=False,
-                          gen_length=studio.answer_slots or poems.GEN_LENGTH, length_search=lengths)
-    assert table["data"][0][1:3] == [round(100 * want.forward, 1), round(100 * want.reversal, 1)]
-    assert ("length search" in table["data"][0][0]) == bool(lengths)
+    results = studio.evaluate()  # the same evaluation in-process, with every answer kept
+    for row, r in zip(measured, results):
+        for col, direction in ((2, "next"), (3, "previous")):
+            items = [i for i in r.items if i["direction"] == direction]
+            right = [poems.normalise(i["answer"]) == poems.normalise(studio.corpus.expected(i["given"], direction))
+                     for i in items]
+            assert row[col] == round(100 * sum(right) / len(right), 1)
+    mdm_completion = results[0]
+    for item in [mdm_completion.items[0], mdm_completion.items[-1]]:  # the tab's answer for the same line
+        *_, result = Client(server, verbose=False).predict(item["given"], item["direction"], "completion",
+                                                           pace_ms=0, api_name="/poem")
+        assert result["mdm"] == item["answer"]
 
 
 # ---------------------------------------------------------------------------------- back ends
@@ -404,11 +440,14 @@ def test_export_then_switch_backend_without_breaking_a_running_request(server, s
     assert again.current_denoiser().name == "onnx" and time.perf_counter() - started < 10
 
 
-def test_small_models_run_on_one_cpu_thread(studio):
+def test_small_models_run_on_one_cpu_thread(studio, monkeypatch):
+    from llada_app import studio as studio_module
     from llada_app.studio import cpu_threads
 
-    assert torch.get_num_threads() == 1 == cpu_threads(studio.mdm, 0)  # the bundled model is small
-    assert cpu_threads(studio.mdm, 3) == 3
+    assert cpu_threads(studio.mdm, 0) == 1 and cpu_threads(studio.mdm, 3) == 3  # the models here are small
+    monkeypatch.setattr(studio_module, "SMALL_MODEL", 10)  # as if it were a big one: torch's own default
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 7)
+    assert cpu_threads(studio.mdm, 0) == 7
 
 
 def test_model_panel_and_cli_defaults(studio):
@@ -424,3 +463,189 @@ def test_model_panel_and_cli_defaults(studio):
                                                                             False, "torch")
     assert args.arm.endswith("sonnets-arm")
     assert parse_args(["--model", "elsewhere"]).arm is None and parse_args(["--arm", "none"]).arm is None
+
+
+# ---------------------------------------------------------------------------------- hostile and careless input
+
+def test_a_huge_length_range_is_refused_while_the_server_keeps_answering(server):
+    """`lengths` with a 26-digit maximum once walked a range of 1e26 candidates under the GIL and froze
+    every client; now it is refused on sight, and another client's /config comes back at once."""
+    import urllib.request
+
+    done = {}
+
+    def hostile():
+        try:
+            chat(Client(server, verbose=False), "hello", lengths="1:99999999999999999999999999")
+        except AppError as e:
+            done["error"] = str(e)
+
+    t = threading.Thread(target=hostile)
+    t.start()
+    started = time.perf_counter()
+    with urllib.request.urlopen(server + "config", timeout=10) as r:
+        assert r.status == 200
+    waited = time.perf_counter() - started
+    t.join(timeout=60)
+    assert "answer lengths take MIN:MAX" in done["error"] and waited < 2.0, (done, waited)
+    with pytest.raises(AppError, match="at most 256"):
+        chat(Client(server, verbose=False), "hello", lengths="1:1000")
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("temperature", float("nan"), "temperature must be a finite number"),
+    ("cfg_scale", float("inf"), "cfg scale must be a finite number"),
+    ("gen_length", float("nan"), "gen length must be a finite number"),
+    ("steps", 2.5, "steps must be a whole number"),
+])
+def test_bad_numbers_get_clear_errors(studio, field, value, message):
+    settings = ChatSettings(**{**FAST, field: value})
+    with pytest.raises(ValueError, match=message):
+        studio.stream_chat([], "hello", settings)
+
+
+def test_text_that_is_not_valid_unicode_is_refused(studio):
+    from llada_app.studio import RequestError
+
+    with pytest.raises(RequestError, match="lone surrogate"):
+        studio.stream_chat([], "hello \ud800", ChatSettings(**FAST))
+    with pytest.raises(RequestError, match="lone surrogate"):
+        studio.stream_poem("Shall I \udfff", "next", "completion", ChatSettings(**FAST))
+    with pytest.raises(RequestError, match="role"):
+        studio.stream_chat([{"role": "system?", "content": "x"}], "hello", ChatSettings(**FAST))
+
+
+def test_a_refused_chat_never_reaches_the_conversation(studio):
+    """The page checks a request before queueing it: the check raises (a pop-up), the chat never runs,
+    so the conversation and its state stay as they were."""
+    import gradio as gr
+
+    from llada_app.ui import StopSignal, check_chat
+
+    names = list(FAST)
+    with pytest.raises(gr.Error, match="prompt is empty"):
+        check_chat(studio, names, "   ", [], StopSignal(), *FAST.values())
+    context = studio.mdm.model.config.max_sequence_length
+    with pytest.raises(gr.Error, match="context"):
+        check_chat(studio, names, "rose " * context, [], StopSignal(), *FAST.values())
+    assert check_chat(studio, names, "hello", [], StopSignal(), *FAST.values()) is None
+
+
+def test_the_upload_route_stores_nothing(server):
+    import urllib.error
+    import urllib.request
+
+    body = b"--b\r\nContent-Disposition: form-data; name=\"files\"; filename=\"x.bin\"\r\n\r\n" + b"x" * 4096 + \
+        b"\r\n--b--\r\n"
+    req = urllib.request.Request(server + "gradio_api/upload", data=body, method="POST",
+                                 headers={"Content-Type": "multipart/form-data; boundary=b"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=10)
+    assert e.value.code == 413
+
+
+def test_one_evaluation_at_a_time_with_a_stop_and_chat_answering_meanwhile(studio, server):
+    """The evaluation runs in its own slot: a chat is answered while it runs, a second evaluation is
+    refused at once (not queued behind it), and Stop ends it between two batches."""
+    from llada_app.studio import RequestError
+
+    slow = CountingDenoiser(studio.current_denoiser(), delay_s=0.02)
+    studio.denoiser = slow
+    stop = threading.Event()
+    outcome = {}
+
+    def evaluate():
+        try:
+            studio.evaluate(should_stop=stop.is_set)
+        except Stopped as e:
+            outcome["stopped"] = str(e)
+
+    try:
+        t = threading.Thread(target=evaluate)
+        t.start()
+        while slow.calls < 2:
+            time.sleep(0.01)
+        with pytest.raises(RequestError, match="already running"):
+            studio.evaluate()
+        history, _ = chat(Client(server, verbose=False), "hello")  # served while the evaluation runs
+        assert [m["role"] for m in history] == ["user", "assistant"]
+        stop.set()
+        t.join(timeout=120)
+        assert "evaluation stopped at" in outcome["stopped"]
+    finally:
+        studio.use_backend("torch")
+    studio.eval_time_limit_s, limit = 0.0, studio.eval_time_limit_s
+    try:
+        with pytest.raises(RequestError, match="time limit"):
+            studio.evaluate()
+    finally:
+        studio.eval_time_limit_s = limit
+
+
+def test_a_broken_twin_only_disables_the_comparison(app_models, tmp_path):
+    import shutil
+
+    broken = tmp_path / "arm"
+    shutil.copytree(app_models[1], broken)
+    (broken / "config.json").write_text("[1, 2]")
+    studio = build_studio(app_models[0], str(broken), device="cpu", progress=lambda m: None)
+    assert studio.arm is None and "must hold a JSON object" in studio.arm_note
+
+
+def test_race_answers_the_same_question_with_two_decoders(server, studio):
+    """Two modes side by side: both animated, each with its NFE, seconds and tokens/s, and whether their
+    answers agree; the back-end race needs an export first."""
+    client = Client(server, verbose=False)
+    job = client.submit("What is the next line?", "threshold + dual cache", **{**FAST, "lengths": ""},
+                        api_name="/race")
+    a, b, verdict = job.result(timeout=120)
+    frames = job.outputs()
+    assert len(frames) >= 3 and mask_count(frames[0][0]) == mask_count(frames[0][1]) == FAST["gen_length"]
+    for side in (a, b):
+        assert "done" in side and "NFE" in side and " s · " in side and "tokens/s" in side and MASK_GLYPH not in side
+    nfe = [int(side.split("NFE ")[1].split(" ")[0]) for side in (a, b)]
+    assert nfe[0] == 32 and nfe[1] <= 32  # A: vanilla, one token per step; B: threshold + dual cache
+    same = strip_tags(a).split("done")[0] == strip_tags(b).split("done")[0]
+    assert verdict.startswith("**Same answer**" if same else "**Different answers.**")
+    if studio._onnx is None:
+        with pytest.raises(AppError, match="Export the model to ONNX first"):
+            client.predict("hello", "same mode, other back end", **FAST, api_name="/race")
+
+
+def test_the_page_shows_the_stored_evaluation_of_the_loaded_models(app_models, tmp_path):
+    """The bundled models carry their training run's evaluation: the poem tab's text, its table and its
+    examples come from it at once. Another model's weights under the same folder get none of it."""
+    import shutil
+
+    from llada_app.ui import chat_examples, poem_examples, poem_intro
+
+    mdm, arm, bundled = app_models
+    if not bundled:
+        return  # tiny random models carry no stored evaluation: the "no figures yet" path is tested below
+    from llada_app.loading import DEFAULT_BASE
+
+    studio = build_studio(mdm, arm, base=DEFAULT_BASE, device="cpu", progress=lambda m: None)
+    results, note = studio.stored_evaluation()
+    assert note == "" and {(r.kind, r.protocol, r.split) for r in results} >= {
+        ("MDM", "completion", "heldout"), ("MDM", "chat", "heldout"), ("ARM", "completion", "heldout"),
+        ("ARM", "chat", "heldout")}
+    completion = next(r for r in results if r.kind == "MDM" and r.protocol == "completion" and r.split == "heldout")
+    assert completion.model == "sonnets-mdm-base"  # the completion protocol runs on the pre-trained base
+    intro = poem_intro(studio, results)
+    assert "sonnets 26–30" in intro and f"{100 * completion.reversal:.1f}%" in intro
+    rows, labels = poem_examples(studio, results)
+    showcase = [r for r, label in zip(rows, labels) if "MDM right, twin wrong" in label]
+    assert showcase and all(studio.corpus.lookup(r[0]).held_out for r in showcase)
+    assert all("Sonnet" not in q or "first line" not in q for q in chat_examples(studio, results))
+    # the same folder with other weights: refused, the page says to measure again
+    other = tmp_path / "arm"
+    shutil.copytree(arm, other)
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(other / "model.safetensors")
+    first = next(iter(weights))
+    weights[first] = weights[first] * 0.5
+    save_file(weights, other / "model.safetensors", metadata={"format": "pt"})
+    changed = build_studio(mdm, str(other), base=DEFAULT_BASE, device="cpu", progress=lambda m: None)
+    results, note = changed.stored_evaluation()
+    assert "computed for other weights" in note and not any(r.kind == "ARM" for r in results)

@@ -5,15 +5,16 @@ real thing) and otherwise with a tiny random MDM and its causal twin saved to a 
 """
 from __future__ import annotations
 
+import html
 import re
 import socket
 from pathlib import Path
 
 import torch
 
-from llada_app.loading import DEFAULT_MODEL
+from llada_app.loading import DEFAULT_ARM, DEFAULT_MODEL
 from llada_app.modeling import LLaDAModelLM
-from llada_app.studio import DEFAULT_ARM, MASK_GLYPH
+from llada_app.studio import mask_count
 
 
 def bundled_models_present() -> bool:
@@ -47,9 +48,6 @@ def message_text(message: dict) -> str:
     return "".join(part.get("text", "") for part in content if isinstance(part, dict))
 
 
-def mask_count(text: str) -> int:
-    return text.count(MASK_GLYPH)
-
-
-def strip_tags(html: str) -> str:
-    return re.sub(r"<[^>]+>", "", html)
+def strip_tags(page: str) -> str:
+    """The text a page shows: tags dropped, line breaks kept, entities decoded."""
+    return html.unescape(re.sub(r"<[^>]+>", "", page.replace("<br>", "\n")))
