@@ -13,6 +13,7 @@ from typing import Protocol
 
 import torch
 
+from .loading import read_json_object
 from .modeling import KV, LLaDAModelLM
 
 
@@ -259,31 +260,17 @@ def _numpy_dtype(dtype: torch.dtype):
 
 def _read_export_folder(folder: Path) -> tuple[dict, dict]:
     """config.json and onnx_export.json of an export folder, with a clear error for what is missing."""
-    import json
-
     if not folder.is_dir():
         raise OnnxBackendError(f"ONNX export folder not found: {folder}")
     if not (folder / "model.onnx").is_file():
         raise OnnxBackendError(f"{folder} has no model.onnx: not an ONNX export (run python -m export)")
-    try:
-        config = json.loads((folder / "config.json").read_text())
-    except FileNotFoundError:
-        raise OnnxBackendError(f"{folder} has no config.json next to model.onnx") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise OnnxBackendError(f"{folder / 'config.json'} is not valid JSON: {e}") from None
-    if not isinstance(config, dict):
-        raise OnnxBackendError(f"{folder / 'config.json'} must hold a JSON object")
+    if not (folder / "config.json").is_file():
+        raise OnnxBackendError(f"{folder} has no config.json next to model.onnx")
+    config = read_json_object(folder / "config.json", "the model config", OnnxBackendError)
     if config.get("model_type") != "llada":
         raise OnnxBackendError(f"{folder} holds a {config.get('model_type')!r} export, not a LLaDA model")
     manifest_path = folder / "onnx_export.json"
-    manifest = {}
-    if manifest_path.is_file():
-        try:
-            manifest = json.loads(manifest_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise OnnxBackendError(f"{manifest_path} is not valid JSON: {e}") from None
-        if not isinstance(manifest, dict):
-            raise OnnxBackendError(f"{manifest_path} must hold a JSON object")
+    manifest = read_json_object(manifest_path, "the export manifest", OnnxBackendError) if manifest_path.is_file() else {}
     return config, manifest
 
 

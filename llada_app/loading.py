@@ -172,14 +172,17 @@ def _looks_local(name: str) -> bool:
     return os.path.isabs(name) or name.startswith((".", "~")) or os.path.exists(name) or name.count("/") != 1
 
 
-def _read_json(path: Path, what: str):
-    """A JSON file of a model folder, or ModelLoadError saying what is wrong with it."""
+def read_json_object(path: Path, what: str, error: type[Exception] = ModelLoadError) -> dict:
+    """A JSON object stored in a model or export folder, or `error` saying what is wrong with it."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        value = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelLoadError(f"{path} is not valid JSON ({what}): {e}") from None
+        raise error(f"{path} is not valid JSON ({what}): {e}") from None
     except OSError as e:
-        raise ModelLoadError(f"{path} cannot be read ({what}): {e}") from None
+        raise error(f"{path} cannot be read ({what}): {e}") from None
+    if not isinstance(value, dict):
+        raise error(f"{path} must hold a JSON object ({what}), not a {type(value).__name__}")
+    return value
 
 
 def _check_folder(folder: Path) -> None:
@@ -191,16 +194,14 @@ def _check_folder(folder: Path) -> None:
     cfg_path = folder / "config.json"
     if not cfg_path.is_file():
         raise ModelLoadError(f"{folder} has no config.json: not a model folder")
-    config = _read_json(cfg_path, "the model config")
-    if not isinstance(config, dict):
-        raise ModelLoadError(f"{cfg_path} must hold a JSON object, not a {type(config).__name__}")
+    config = read_json_object(cfg_path, "the model config")
     if config.get("model_type") != "llada":
         raise ModelLoadError(f"{folder} holds a {config.get('model_type')!r} model, not a LLaDA model "
                              "(model_type 'llada')")
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = _read_json(index, "the shard index")
-        if not isinstance(weight_map, dict) or not isinstance(weight_map.get("weight_map"), dict):
+        weight_map = read_json_object(index, "the shard index")
+        if not isinstance(weight_map.get("weight_map"), dict):
             raise ModelLoadError(f"{index} has no weight_map: not a safetensors shard index")
         shards = sorted(set(weight_map["weight_map"].values()))
     else:
@@ -281,15 +282,7 @@ def load_model(name_or_path: str = DEFAULT_MODEL, device: str = "auto",
 
 def _read_training_meta(folder: Path) -> dict:
     path = folder / TRAINING_META
-    if not path.is_file():
-        return {}
-    try:
-        meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelLoadError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(meta, dict):
-        raise ModelLoadError(f"{path} must hold a JSON object")
-    return meta
+    return read_json_object(path, "the training metadata") if path.is_file() else {}
 
 
 def special_ids(tokenizer: PreTrainedTokenizerBase, config) -> SpecialIds:

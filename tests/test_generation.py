@@ -1,13 +1,14 @@
 """The sampler against a plain reference loop written here from the reference semantics, plus its options and errors."""
+import math
 from dataclasses import replace
 
 import pytest
 import torch
 
 from llada_app.backends import DenoiserOutput, TorchDenoiser
-from llada_app.generation import (GenerationConfig, arm_steps, block_schedule, generate, generate_arm,
-                                  generate_length_search, length_search_steps, pad_prompts, parse_constraints,
-                                  sample_steps)
+from llada_app.generation import (GenerationConfig, Step, _search, arm_steps, block_schedule, candidate_steps, generate,
+                                  generate_arm, generate_length_search, length_search_steps, pad_prompts,
+                                  parse_constraints, sample_steps)
 from llada_app.modeling import LLaDAModelLM
 
 from conftest import tiny_config
@@ -51,12 +52,15 @@ class Counting:
 
     def __init__(self, inner, bias: dict[int, float] | None = None, supports_cache: bool | None = None):
         self.inner, self.bias, self.calls, self.rows = inner, bias or {}, 0, 0
+        self.widths, self.with_mask = [], []  # per call: input width, whether a padding mask came with it
         self.name, self.device, self.max_length, self.causal = inner.name, inner.device, inner.max_length, inner.causal
         self.supports_cache = inner.supports_cache if supports_cache is None else supports_cache
 
     def __call__(self, *args, **kw):
         self.calls += 1
         self.rows += args[0].shape[0]
+        self.widths.append(args[0].shape[1])
+        self.with_mask.append(len(args) > 1 and args[1] is not None)
         out = self.inner(*args, **kw)
         logits = out.logits.clone()
         for tok, b in self.bias.items():
@@ -203,7 +207,7 @@ def test_length_search_keeps_each_rows_most_confident_candidate(sharp_model, pro
             for row in (0, 1):
                 total[row][0] += sum(float(c.log()) for c in s.confidence[row][s.revealed[row]])
                 total[row][1] += int(s.revealed[row].sum())
-            running.append((s.ids, [tuple(t) for t in total]))
+            running.append((s.ids, [tuple(t) for t in total], s.revealed, s.confidence, s.canvas))
         assert [n for _, n in running[-1][1]] == [L, L]  # every free slot revealed once
         runs.append(running)
 
@@ -214,14 +218,21 @@ def test_length_search_keeps_each_rows_most_confident_candidate(sharp_model, pro
     # The candidates run side by side: as many steps and forward passes as the longest one alone, and a
     # candidate's rows leave the batch when it is done (no more rows forwarded than the runs alone).
     n = max(len(run) for run in runs)
-    assert len(stream) == n + 1 and [s.done for s in stream].count(True) == 1 and stream[-1].done
+    assert len(stream) == n + 1 and all(s.done is False for s in stream[:-1]) and stream[-1].done is True
     assert [s.step for s in stream[:-1]] == list(range(1, n + 1)) == [s.nfe for s in stream[:-1]]
     assert counting.rows == 2 * sum(len(run) for run in runs) * (2 if cfg.cfg_scale else 1)
     for i, s in enumerate(stream, start=1):  # each step shows each row's leader; the last one the kept answers
         for row in (0, 1):
             k = leader(min(i, n), row)
-            assert torch.equal(s.ids[row], runs[k][min(i, len(runs[k])) - 1][0][row])
+            step_ids, _, revealed, confidence, canvas = runs[k][min(i, len(runs[k])) - 1]
+            assert torch.equal(s.ids[row], step_ids[row]) and torch.equal(s.canvas[row], canvas[row])
+            if i <= len(runs[k]) and not s.done:  # what the leader revealed at this step, as it did alone
+                assert torch.equal(s.revealed[row], revealed[row])
+                torch.testing.assert_close(s.confidence[row], confidence[row])
     final = stream[-1]
+    assert (final.step, final.nfe, final.prompt_length) == (n, n, P)
+    assert final.revealed.dtype == torch.bool and not final.revealed.any() and not final.confidence.any()
+    assert final.revealed.shape == final.confidence.shape == final.ids.shape
     for row in (0, 1):
         L = lengths[leader(n, row)]
         assert final.ids[row, P + L] == ids["eot_id"] and (final.ids[row, P + L + 1:] == ids["eos_id"]).all()
@@ -230,13 +241,26 @@ def test_length_search_keeps_each_rows_most_confident_candidate(sharp_model, pro
 
 
 @pytest.mark.parametrize("lengths,extra,match", [
-    ([], {}, "at least one"), ([0, 4], {}, "in \\[1, gen length"), ([16], {}, "in \\[1, gen length"),
+    ([], {}, "at least one"), ([0, 4], {}, "in \\[1, gen length - 1 = 15\\]"), ([16], {}, "in \\[1, gen length"),
     ([4], dict(remasking="random"), "low_confidence"), ([4, 8], dict(constraints={5: 42}), "before the shortest"),
 ])
 def test_length_search_errors(sharp_model, prompts, ids, lengths, extra, match):
     cfg = GenerationConfig(gen_length=16, block_length=16, steps=16, **extra)
     with pytest.raises(ValueError, match=match):
         generate_length_search(TorchDenoiser(sharp_model), torch.tensor([prompts[0]]), None, cfg, lengths, **ids)
+
+
+def test_length_search_accepts_the_shortest_and_longest_lengths(sharp_model, prompts, ids):
+    """Lengths 1 and gen length - 1 (room for the stop token) are valid; a constraint just before the
+    shortest candidate's stop slot is kept, one on that slot is refused."""
+    cfg = GenerationConfig(gen_length=16, block_length=16, steps=16)
+    prompt, P = torch.tensor([prompts[0]]), len(prompts[0])
+    out = generate_length_search(TorchDenoiser(sharp_model), prompt, None, cfg, [1, 15], **ids)
+    assert out.shape == (1, P + 16)
+    out = generate_length_search(TorchDenoiser(sharp_model), prompt, None, replace(cfg, constraints={2: 42}), [3, 8], **ids)
+    assert int(out[0, P + 2]) == 42
+    with pytest.raises(ValueError, match=r"before the shortest candidate \(3\)"):
+        generate_length_search(TorchDenoiser(sharp_model), prompt, None, replace(cfg, constraints={3: 42}), [3, 8], **ids)
 
 
 def test_suppress_eos_and_zero_confidence(sharp_model, prompts, ids):
@@ -254,6 +278,7 @@ def test_suppress_eos_and_zero_confidence(sharp_model, prompts, ids):
     assert not (suppressed[0, -16:] == eos).any()
 
     zero = list(sample_steps(d, prompt, None, replace(base, eos_zero_confidence=True), **ids))
+    assert torch.equal(generate(d, prompt, None, replace(base, eos_zero_confidence=True), **ids), zero[-1].ids)
     stops = [(s.revealed & ((s.ids == eos) | (s.ids == eot))) for s in zero]
     assert any(m.any() for m in stops)
     for s, m in zip(zero, stops):
@@ -323,7 +348,9 @@ def test_cached_decoding_equals_vanilla_when_the_cache_is_exact(one_layer_model,
                               cfg_scale=cfg_scale, mask_id=ids["mask_id"])
     got = generate(d, prompt, mask, replace(cfg, cache=cache), **ids)
     assert torch.equal(got, want)
-    assert d.calls == 24
+    assert d.calls == 24 and all(d.with_mask)  # the padding mask goes with every call, the prefill's too
+    P = prompt.shape[1]  # per block: one full pass, then the block and what follows (prefix) or the block (dual)
+    assert d.widths == [w for b in range(3) for w in [P + 24] + [24 - 8 * b if cache == "prefix" else 8] * 7]
 
 
 @pytest.mark.parametrize("extra", [
@@ -430,10 +457,11 @@ def test_arm_greedy_with_cache_equals_full_recompute(causal_model, prompts, ids)
     unused = 10 ** 6  # a stop id that never occurs: run all 12 steps
     got = generate_arm(d, prompt, max_new_tokens=12, stop_ids=[unused])
     assert torch.equal(got, greedy_reference(causal_model, prompt, 12))
-    assert d.calls == 12
-    no_cache = generate_arm(Counting(TorchDenoiser(causal_model), supports_cache=False), prompt,
-                            max_new_tokens=12, stop_ids=[unused])
+    assert d.widths == [prompt.shape[1]] + [1] * 11  # prefill, then one new token per step from the cache
+    plain = Counting(TorchDenoiser(causal_model), supports_cache=False)
+    no_cache = generate_arm(plain, prompt, max_new_tokens=12, stop_ids=[unused])
     assert torch.equal(no_cache, got)
+    assert plain.widths == list(range(prompt.shape[1], prompt.shape[1] + 12))  # the whole sequence every step
 
 
 def test_arm_padded_batch_and_stop(causal_model, prompts, ids):
@@ -449,6 +477,141 @@ def test_arm_padded_batch_and_stop(causal_model, prompts, ids):
     first_stop = next(i for i in range(8) if int(alone[0, len(a) + i]) == stop)
     assert len(steps) == first_stop + 1 and steps[-1].done
     assert all(int(s.revealed.sum()) == 1 for s in steps)
+
+
+def test_arm_steps_describe_each_new_token(causal_model, prompts):
+    """Each step: the ids so far, the new column revealed with its greedy probability as confidence,
+    step = nfe = tokens so far, the prompt length, and done on the last of max_new_tokens."""
+    prompt = torch.tensor([prompts[1]])
+    P = prompt.shape[1]
+    steps = list(arm_steps(TorchDenoiser(causal_model), prompt, max_new_tokens=5, stop_ids=[10 ** 6]))
+    assert [(s.step, s.nfe, s.prompt_length, s.done) for s in steps] == [(i, i, P, i == 5) for i in range(1, 6)]
+    for s in steps:
+        T = s.ids.shape[1]
+        assert s.revealed.dtype == torch.bool and s.revealed.shape == (1, T) and s.revealed[0].tolist() == [False] * (T - 1) + [True]
+        with torch.no_grad():
+            probs = torch.softmax(causal_model(s.ids[:, :-1]).logits[0, -1], -1)
+        assert s.confidence.shape == (1, T) and float(s.confidence[0, :-1].abs().sum()) == 0.0
+        assert float(s.confidence[0, -1]) == pytest.approx(float(probs.max()), abs=1e-5)
+        assert int(s.ids[0, -1]) == int(probs.argmax())
+
+
+def test_threshold_one_reveals_every_certain_token_at_once(sharp_model, prompts, ids):
+    """tau = 1: a confidence of exactly 1 passes (>=): with one token made certain everywhere, each block
+    is decoded in one step."""
+    tok = 7
+    d = Counting(TorchDenoiser(sharp_model), bias={tok: 1e4})
+    cfg = GenerationConfig(gen_length=16, block_length=8, steps=16, threshold=1.0)
+    steps = list(sample_steps(d, torch.tensor([prompts[0]]), None, cfg, **ids))
+    assert len(steps) == 2 and (steps[-1].ids[0, -16:] == tok).all()
+
+
+def test_length_search_without_eot_stops_with_eos(sharp_model, prompts, ids):
+    cfg = GenerationConfig(gen_length=16, block_length=16, steps=16)
+    P = len(prompts[0])
+    out = generate_length_search(TorchDenoiser(sharp_model), torch.tensor([prompts[0]]), None, cfg, [5],
+                                 mask_id=ids["mask_id"], eos_id=ids["eos_id"], eot_id=None)
+    assert (out[0, P + 5:] == ids["eos_id"]).all()
+
+
+@pytest.mark.parametrize("extra", [dict(threshold=0.6), dict(factor=1.0)])
+def test_parallel_decoding_counts_each_row_on_its_own(sharp_model, prompts, ids, extra):
+    """Threshold / factor decoding of a padded two-row batch: each row reveals by its own confidences,
+    as if it were alone."""
+    cfg = GenerationConfig(gen_length=16, block_length=8, steps=16, **extra)
+    prompt, mask = pad_prompts(list(prompts), ids["eos_id"])
+    both = generate(TorchDenoiser(sharp_model), prompt, mask, cfg, **ids)
+    for row, p in enumerate(prompts):
+        alone = generate(TorchDenoiser(sharp_model), torch.tensor([p]), None, cfg, **ids)
+        assert both[row, -16:].tolist() == alone[0, -16:].tolist()
+
+
+def test_steps_name_their_block(sharp_model, prompts, ids):
+    steps = list(sample_steps(TorchDenoiser(sharp_model), torch.tensor([prompts[0]]), None,
+                              GenerationConfig(gen_length=16, block_length=8, steps=4), **ids))
+    assert [s.block for s in steps] == [0, 0, 1, 1]
+
+
+def test_search_ranks_candidates_by_mean_log_confidence():
+    """Two candidates of one prompt: one token at 0.497 (log -0.7) against two at 0.607 (log -0.5 each):
+    the mean keeps the second (a sum, or dividing a single token's log by 2, would keep the first)."""
+    x = torch.full((2, 4), 9)  # [K * B, L], K = 2, B = 1; 9 plays the mask
+    revealed = torch.tensor([[False, True, False, False], [False, True, True, False]])
+    confidence = torch.tensor([[0.0, math.exp(-0.7), 0, 0], [0.0, math.exp(-0.5), math.exp(-0.5), 0]])
+    ids = torch.tensor([[1, 2, 9, 9], [1, 3, 4, 9]])
+
+    def stream():
+        yield Step(ids=ids, prompt_length=1, revealed=revealed, confidence=confidence, step=1, nfe=1, done=True)
+
+    steps = list(_search(stream(), x, 1, 2))
+    assert [s.done for s in steps] == [False, True]
+    assert steps[-1].ids.tolist() == [[1, 3, 4, 9]] and (steps[-1].step, steps[-1].nfe) == (1, 1)
+
+
+def test_a_search_with_nothing_to_fill_returns_its_canvas(sharp_model, prompts, ids):
+    P = len(prompts[0])
+    canvas = torch.tensor([prompts[0] + [5] * 8, prompts[0] + [6] * 8])  # K = 2 candidates, no MASK slot
+    steps = list(candidate_steps(TorchDenoiser(sharp_model), canvas, None, 2,
+                                 GenerationConfig(gen_length=8, block_length=8, steps=8), prompt_length=P, **ids))
+    assert len(steps) == 1 and (steps[0].step, steps[0].nfe, steps[0].done) == (0, 0, True)
+    assert steps[0].ids.tolist() == canvas[:1].tolist()
+
+
+def test_requests_are_checked_before_decoding(sharp_model, prompts, ids):
+    d = TorchDenoiser(sharp_model)
+    cfg = GenerationConfig(gen_length=8, block_length=8, steps=8)
+    prompt = torch.tensor([prompts[0]])
+    wrong_mask = torch.ones(1, len(prompts[0]) + 1, dtype=torch.long)
+    forced_mask = replace(cfg, constraints={0: ids["mask_id"]})
+    for run in (lambda c, m: next(sample_steps(d, prompt, m, c, **ids)),
+                lambda c, m: next(length_search_steps(d, prompt, m, c, [3], **ids))):
+        with pytest.raises(ValueError, match="attention_mask shape"):
+            run(cfg, wrong_mask)
+        with pytest.raises(ValueError, match="cannot force the mask token"):
+            run(forced_mask, None)
+    with pytest.raises(ValueError, match="needs a back end with a K/V cache"):
+        next(length_search_steps(Counting(d, supports_cache=False), prompt, None, replace(cfg, cache="dual"), [3], **ids))
+    with pytest.raises(ValueError, match="must be a finite number"):
+        replace(cfg, temperature=float("nan")).validate(64, 4)
+    with pytest.raises(ValueError, match=r"non-empty \[batch, length\]"):
+        next(arm_steps(TorchDenoiser(sharp_model), torch.tensor(prompts[0]), max_new_tokens=2, stop_ids=[1]))
+
+
+def test_arm_limits_are_inclusive(causal_model):
+    d = TorchDenoiser(causal_model)
+    assert generate_arm(d, torch.tensor([[5]]), max_new_tokens=1, stop_ids=[10 ** 6]).shape == (1, 2)
+    fill = torch.full((1, d.max_length - 2), 5)
+    assert generate_arm(d, fill, max_new_tokens=2, stop_ids=[10 ** 6]).shape == (1, d.max_length)
+    with pytest.raises(ValueError, match="exceeds the model's context"):
+        generate_arm(d, fill, max_new_tokens=3, stop_ids=[10 ** 6])
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
+        generate_arm(d, fill, max_new_tokens=0, stop_ids=[10 ** 6])
+
+
+@pytest.mark.parametrize("kw", [dict(gen_length=1, block_length=1, steps=1), dict(gen_length=8, block_length=8, steps=1),
+                                dict(threshold=1.0), dict(factor=1e-3), dict(cache="dual"),
+                                dict(gen_length=8, block_length=8, steps=8, constraints={0: 0, 7: 5})])
+def test_configs_at_the_limits_are_accepted(kw):
+    """The edges of every range are valid (a prompt of one token, prompt + answer = the context, ...)."""
+    cfg = GenerationConfig(**dict(dict(gen_length=8, block_length=8, steps=8), **kw))
+    cfg.validate(max_length=cfg.gen_length + 1, prompt_length=1)  # back end with a cache by default
+    cfg.validate(max_length=cfg.gen_length + 4, prompt_length=4)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(threshold=0.0), r"threshold must be in \(0, 1\]"), (dict(factor=0.0), "factor must be > 0"),
+    (dict(gen_length=0), "must be >= 1"), (dict(block_length=0), "must be >= 1"), (dict(steps=0), "steps must be >= 1"),
+    (dict(constraints={8: 5}), r"position 8 is outside the answer \(0..7\)"),
+    (dict(constraints={0: -1}), "negative"), (dict(threshold=0.5, factor=0.5), "give one, not both"),
+])
+def test_configs_past_the_limits_are_refused(kw, match):
+    cfg = GenerationConfig(**dict(dict(gen_length=8, block_length=8, steps=8), **kw))
+    with pytest.raises(ValueError, match=match):
+        cfg.validate(max_length=64, prompt_length=4)
+    with pytest.raises(ValueError, match="the prompt is empty"):
+        GenerationConfig(gen_length=8, block_length=8, steps=8).validate(max_length=64, prompt_length=0)
+    with pytest.raises(ValueError, match=r"\(5 tokens\) \+ gen length \(8\) = 13 tokens exceeds the model's context of 12"):
+        GenerationConfig(gen_length=8, block_length=8, steps=8).validate(max_length=12, prompt_length=5)
 
 
 def test_arm_refuses_a_diffusion_model(sharp_model, prompts):

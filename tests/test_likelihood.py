@@ -85,6 +85,7 @@ def test_memorised_answer_ranks_above_shuffled(fitted_model, tiny_tokenizer, pai
 
 @pytest.mark.parametrize("kw,match", [
     (dict(mc_num=100, batch_size=16), "multiple of batch_size"),
+    (dict(mc_num=0, batch_size=16), "positive multiple"),
     (dict(cfg_scale=-1.0), "cfg_scale"),
 ])
 def test_bad_arguments_raise(tiny_model, tiny_tokenizer, pair, kw, match):
@@ -96,26 +97,80 @@ def test_bad_arguments_raise(tiny_model, tiny_tokenizer, pair, kw, match):
         log_likelihood(TorchDenoiser(tiny_model), pair[0] * 20, pair[1], mask_id=tiny_tokenizer.mask_token_id)
 
 
-@pytest.mark.parametrize("L", [2, 3])
-def test_estimate_converges_to_the_elbo_computed_by_enumeration(tiny_model, tiny_tokenizer, pair, L):
+@pytest.fixture(scope="module")
+def sharp_model(tiny_tokenizer):
+    """Larger random weights than the default init, so the cross-entropy differs from token to token
+    and from one mask to another (at std 0.02 every token costs about log V)."""
+    torch.manual_seed(1)
+    return LLaDAModelLM(tiny_config(tiny_tokenizer, init_std=0.3)).eval()
+
+
+@pytest.mark.parametrize("L,cfg_scale", [(2, 0.0), (3, 0.0), (3, 0.5)])
+def test_estimate_converges_to_the_elbo_computed_by_enumeration(sharp_model, tiny_tokenizer, pair, L, cfg_scale):
     """The exact ELBO of an L-token answer: l uniform in 1..L, then every set of l masked positions equally
-    likely, scored sum(CE of the masked) * L / l. Enumerated here over all 2^L - 1 masks; the Monte Carlo
+    likely, scored sum(CE of the masked) * L / l; with CFG the logits are uncond + (w + 1)(cond - uncond),
+    uncond with the prompt masked as well. Enumerated here over all 2^L - 1 masks; the Monte Carlo
     estimate must land on it (a wrong L / l weight moves it by far more than the tolerance)."""
     from itertools import combinations
     from math import comb
 
     prompt, answer = pair[0], pair[1][:L]
-    mask_id = tiny_tokenizer.mask_token_id
+    mask_id, P = tiny_tokenizer.mask_token_id, len(pair[0])
     exact = unweighted = 0.0
     for n in range(1, L + 1):
         for masked in combinations(range(L), n):
             x = torch.tensor([prompt + [mask_id if i in masked else t for i, t in enumerate(answer)]])
             with torch.no_grad():
-                logp = torch.log_softmax(tiny_model(x).logits[0, len(prompt):], -1)
+                logits = sharp_model(x).logits[0, P:]
+                if cfg_scale:
+                    x[0, :P] = mask_id
+                    uncond = sharp_model(x).logits[0, P:]
+                    logits = uncond + (cfg_scale + 1) * (logits - uncond)
+            logp = torch.log_softmax(logits, -1)
             ce = -sum(float(logp[i, answer[i]]) for i in masked)
             exact += (1 / L) * (1 / comb(L, n)) * ce * L / n
             unweighted += (1 / L) * (1 / comb(L, n)) * ce
-    est = log_likelihood(TorchDenoiser(tiny_model), prompt, answer, mask_id=mask_id, mc_num=2048, batch_size=256,
-                         seed=1)
+    est = log_likelihood(TorchDenoiser(sharp_model), prompt, answer, mask_id=mask_id, mc_num=2048, batch_size=256,
+                         seed=1, cfg_scale=cfg_scale)
     assert est == pytest.approx(-exact, rel=0.02), (est, -exact)
     assert abs(exact - unweighted) > 0.1 * exact  # with weight 1 instead of L / l it would land elsewhere
+
+
+def test_mask_counts_are_stratified_and_uniform():
+    """A batch of L samples masks 1, 2, ..., L tokens, once each, from a random offset: over many
+    batches the first sample's count is uniform on 1..L."""
+    for seed in range(20):
+        g = torch.Generator().manual_seed(seed)
+        assert sorted(mask_counts(8, 8, g).tolist()) == list(range(1, 9))
+    g = torch.Generator().manual_seed(0)
+    firsts = torch.tensor([int(mask_counts(4, 4, g)[0]) for _ in range(2000)])
+    freq = torch.bincount(firsts, minlength=5)[1:].float() / len(firsts)
+    torch.testing.assert_close(freq, torch.full((4,), 0.25), atol=0.04, rtol=0)
+    a, b = (mask_counts(8, 64, torch.Generator().manual_seed(3)) for _ in range(2))
+    assert torch.equal(a, b)  # the generator decides the offset
+
+
+def test_seed_decides_the_estimate_and_limits_are_inclusive(tiny_model, tiny_tokenizer, pair):
+    d, mask_id = TorchDenoiser(tiny_model), tiny_tokenizer.mask_token_id
+    prompt, answer = pair
+    a, b = (log_likelihood(d, prompt, answer, mask_id=mask_id, mc_num=8, batch_size=4, seed=5) for _ in range(2))
+    assert a == b != log_likelihood(d, prompt, answer, mask_id=mask_id, mc_num=8, batch_size=4, seed=6)
+    log_likelihood(d, prompt, answer, mask_id=mask_id, mc_num=1, batch_size=1, seed=0)  # one sample is allowed
+    fills = [prompt[0]] * (d.max_length - len(answer))
+    log_likelihood(d, fills, answer, mask_id=mask_id, mc_num=1, batch_size=1)  # exactly the context
+    for bad_prompt, bad_answer in (([mask_id] + prompt, answer), (prompt, answer + [mask_id])):
+        with pytest.raises(ValueError, match="mask token"):
+            log_likelihood(d, bad_prompt, bad_answer, mask_id=mask_id, mc_num=1, batch_size=1)
+
+
+def test_score_choices_scores_each_choice_with_the_same_draws(tiny_model, tiny_tokenizer, pair):
+    """Defaults: 128 samples in batches of 16, no guidance, seed 0 for every choice."""
+    d, mask_id = TorchDenoiser(tiny_model), tiny_tokenizer.mask_token_id
+    prompt, answer = pair
+    choices = [answer, answer[::-1]]
+    want = [log_likelihood(d, prompt, c, mask_id=mask_id, mc_num=128, batch_size=16, cfg_scale=0.0, seed=0)
+            for c in choices]
+    assert score_choices(d, prompt, choices, mask_id=mask_id) == want
+    got = score_choices(d, prompt, choices, mask_id=mask_id, mc_num=8, batch_size=4, cfg_scale=0.5, seed=3)
+    assert got == [log_likelihood(d, prompt, c, mask_id=mask_id, mc_num=8, batch_size=4, cfg_scale=0.5, seed=3)
+                   for c in choices]

@@ -1,5 +1,6 @@
 """Training: the losses against direct computations, the micro run, kill-and-resume, accelerate launch."""
 import json
+import math
 import os
 import shutil
 import signal
@@ -106,6 +107,70 @@ def test_batch_loss_never_masks_the_sft_prompt(tiny_model, tiny_tokenizer):
         for b, n in enumerate([3, 5, 7, 2]):
             assert (noisy[b, :n] == ids[b, :n]).all()
     assert any((noisy == mask_id).any() for noisy in seen)
+
+
+@pytest.mark.parametrize("objective,sft", [("mdm", False), ("mdm", True), ("arm", False), ("arm", True)])
+def test_batch_loss_is_the_objective_on_noise_drawn_from_the_generator(tiny_tokenizer, objective, sft):
+    """batch_loss against the loss functions called by hand on the same draws: t from sample_t, then u
+    [B, L] from the same generator; SFT masks only from each prompt's end on (its first answer token
+    included) and divides by the answer length L - prompt; the ARM scores the answer and its stop token."""
+    from conftest import tiny_config
+    from llada_app.modeling import LLaDAModelLM
+    from llada_app.train import sample_t
+
+    torch.manual_seed(3)
+    model = LLaDAModelLM(tiny_config(tiny_tokenizer, init_std=0.3)).eval()  # CE differs by position
+    mask_id = tiny_tokenizer.mask_token_id
+    B, L = 4, 12
+    ids = torch.randint(10, 100, (B, L), generator=torch.Generator().manual_seed(4))
+    prompts, ends = torch.tensor([3, 5, 7, 2]), torch.tensor([6, 8, 9, 5])
+    batch = Batch(ids, prompts if sft else None, ends if sft else None, "sft" if sft else "pretrain")
+    cfg = TrainConfig(objective=objective, t_sampling="iid")
+    with torch.no_grad():
+        got = batch_loss(model, batch, cfg, mask_id, torch.Generator().manual_seed(5))
+        again = batch_loss(model, batch, cfg, mask_id, torch.Generator().manual_seed(5))
+        other = batch_loss(model, batch, cfg, mask_id, torch.Generator().manual_seed(6))
+        if objective == "arm":
+            cols = torch.arange(L)[None, :]
+            loss_mask = ((cols >= prompts[:, None]) & (cols < ends[:, None])) if sft else None
+            want = arm_loss(model(ids).logits, ids, loss_mask)
+        else:
+            g = torch.Generator().manual_seed(5)
+            t = sample_t(B, "iid", g)
+            u = torch.rand(B, L, generator=g)
+            maskable = torch.arange(L)[None, :] >= prompts[:, None] if sft else None
+            noisy, masked, p = forward_process(ids, t, u, mask_id, cfg.mask_eps, maskable)
+            want = mdm_loss(model(noisy).logits, ids, masked, p, (L - prompts).float() if sft else None)
+    assert got.item() == pytest.approx(want.item(), rel=1e-6)
+    assert again.item() == got.item()  # the generator decides every draw
+    assert (other.item() != got.item()) == (objective == "mdm")
+
+
+def test_arm_loss_scores_a_one_token_answer_in_full():
+    """An SFT row whose answer is a single predicted token: its loss is that token's CE, not a fraction."""
+    g = torch.Generator().manual_seed(2)
+    logits, targets = torch.randn(1, 5, 7, generator=g), torch.randint(0, 7, (1, 5), generator=g)
+    loss_mask = torch.zeros(1, 5, dtype=torch.bool)
+    loss_mask[0, 3] = True
+    want = F.cross_entropy(logits[0, 2][None], targets[0, 3][None]).item()
+    assert arm_loss(logits, targets, loss_mask).item() == pytest.approx(want, rel=1e-6)
+
+
+def test_lr_schedule_values():
+    """Warm-up to lr over warmup_steps, then a half cosine from lr to lr * min_lr_ratio at total_steps."""
+    cfg = TrainConfig(lr=1e-3, warmup_steps=10, pretrain_steps=100, sft_steps=10, min_lr_ratio=0.1)
+    assert lr_at(10, cfg) == pytest.approx(1e-3)  # the first step after warm-up: the peak
+    assert lr_at(60, cfg) == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5))  # half way: the mid point
+    assert lr_at(35, cfg) == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 4))))
+    assert lr_at(110, cfg) == pytest.approx(1e-4)
+
+
+def test_noise_levels_come_from_the_generator():
+    from llada_app.train import sample_t
+
+    for how in ("iid", "stratified"):
+        a, b = (sample_t(8, how, torch.Generator().manual_seed(7)) for _ in range(2))
+        assert torch.equal(a, b) and not torch.equal(a, sample_t(8, how, torch.Generator().manual_seed(8)))
 
 
 def test_lr_schedule_warms_up_then_decays():
@@ -430,3 +495,11 @@ def test_a_full_disk_says_so(tmp_path, monkeypatch):
     with pytest.raises(TrainingError, match="the disk is full .* --resume"):
         train(_micro(tmp_path, pretrain_steps=6, sft_steps=0, save_every=5))
     assert not list((tmp_path / "checkpoints").glob(".tmp-*"))  # no half checkpoint left
+
+
+def test_checkpoints_are_ordered_by_step_number(tmp_path):
+    from llada_app.train import _checkpoints
+
+    for name in ("step-100", "step-9", "step-10", "notes", "step-x"):
+        (tmp_path / "checkpoints" / name).mkdir(parents=True)
+    assert [p.name for p in _checkpoints(tmp_path)] == ["step-9", "step-10", "step-100"]
