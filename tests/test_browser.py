@@ -73,6 +73,26 @@ def _wait_for_page(url: str, proc: subprocess.Popen, log: Path, timeout: float) 
     pytest.fail(f"no page at {url} after {timeout} s:\n{log.read_text()[-3000:]}")
 
 
+# Timestamps taken in the page: the click, then the first revealed token shown in `watched`.
+_CLICK_AND_WATCH = """([button, watched]) => {
+    window.__firstStep = null;
+    new MutationObserver((_, obs) => {
+        if (document.querySelector(watched + ' .ld-new')) {
+            window.__firstStep = performance.now(); obs.disconnect(); }
+    }).observe(document.querySelector(watched), {subtree: true, childList: true});
+    window.__clicked = performance.now();
+    document.querySelector(button).click();
+}"""
+
+
+def _click_and_watch(page, button: str, watched: str) -> None:
+    page.evaluate(_CLICK_AND_WATCH, [button, watched])
+
+
+def _first_step_s(page) -> float:
+    return page.evaluate("() => (window.__firstStep - window.__clicked) / 1000")
+
+
 def test_browser_chat_shows_the_live_answer(app, app_models, tmp_path):
     from playwright.sync_api import sync_playwright
 
@@ -96,18 +116,9 @@ def test_browser_chat_shows_the_live_answer(app, app_models, tmp_path):
             page.goto(url)
             page.wait_for_selector("#message textarea", timeout=30_000)
             page.fill("#message textarea", question)
-            # Timestamps taken in the page: the click, then the first revealed token in the chat.
-            page.evaluate("""() => {
-                window.__firstStep = null;
-                new MutationObserver((_, obs) => {
-                    if (document.querySelector('#chatbot .ld-new')) {
-                        window.__firstStep = performance.now(); obs.disconnect(); }
-                }).observe(document.querySelector('#chatbot'), {subtree: true, childList: true});
-                window.__sent = performance.now();
-                document.querySelector('#send').click();
-            }""")
+            _click_and_watch(page, "#send", "#chatbot")
             page.wait_for_selector("#chat-stats :text('done')", timeout=120_000)
-            first_step_s = page.evaluate("() => (window.__firstStep - window.__sent) / 1000")
+            first_step_s = _first_step_s(page)
             shot = tmp_path / "chat.png"
             page.screenshot(path=str(shot), full_page=True)
             shown = page.inner_text("#chatbot")
@@ -224,17 +235,9 @@ def test_browser_poem_completion_shows_the_given_line_and_the_verdict(app, app_m
             page.fill("#poem-line textarea", line)
             page.click("#poem-protocol label:has-text('completion')")
             page.click("label:has-text('previous')")
-            page.evaluate("""() => {
-                window.__firstStep = null;
-                new MutationObserver((_, obs) => {
-                    if (document.querySelector('#poem-mdm .ld-new')) {
-                        window.__firstStep = performance.now(); obs.disconnect(); }
-                }).observe(document.querySelector('#poem-mdm'), {subtree: true, childList: true});
-                window.__asked = performance.now();
-                document.querySelector('#poem-ask').click();
-            }""")
+            _click_and_watch(page, "#poem-ask", "#poem-mdm")
             page.wait_for_selector("#poem-verdict :text('Expected')", timeout=60_000)
-            ask_to_first_step_s = page.evaluate("() => (window.__firstStep - window.__asked) / 1000")
+            ask_to_first_step_s = _first_step_s(page)
             verdict = page.inner_text("#poem-verdict")
             given = page.inner_text("#poem-mdm .ld-given")
             arm_given = page.inner_text("#poem-arm .ld-unseen")
