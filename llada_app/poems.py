@@ -262,9 +262,16 @@ def gap_text(tokenizer, ids, row: Sequence[int], canvas: Sequence[int], line: st
     """The decoded gap of a finished canvas row: its slots up to an EOS, cut at a line separator."""
     from .tokenization import decode_answer
 
-    text = decode_answer(tokenizer, [t for t, c in zip(row, canvas) if c == ids.mask], ids)
-    fmt = text_format(line)
-    return text.split(fmt.sep)[0].split("\n")[0].strip()
+    return _first_line(decode_answer(tokenizer, [t for t, c in zip(row, canvas) if c == ids.mask], ids), line)
+
+
+def arm_gap_text(tokenizer, tokens: Sequence[int], line: str) -> str:
+    """The ARM's decoded continuation of a completion prompt, cut at a line separator."""
+    return _first_line(tokenizer.decode(tokens, skip_special_tokens=True), line)
+
+
+def _first_line(text: str, line: str) -> str:
+    return text.split(text_format(line).sep)[0].split("\n")[0].strip()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -328,8 +335,7 @@ class Answerer:
             x, attn = pad_prompts(prompts, ids.pad)
             seq = generate_arm(self.denoiser, x, attn, max_new_tokens=max(lengths) + 1,
                                stop_ids=arm_stop_ids(tok, ids, lines[0]))
-            texts = [tok.decode(row, skip_special_tokens=True) for row in seq[:, x.shape[1]:].tolist()]
-            return [t.split(text_format(line).sep)[0].split("\n")[0].strip() for t, line in zip(texts, lines)]
+            return [arm_gap_text(tok, row, line) for row, line in zip(seq[:, x.shape[1]:].tolist(), lines)]
         final = None
         for final in completion_steps(self.denoiser, tok, ids, lines, direction, lengths):
             pass

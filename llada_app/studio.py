@@ -493,10 +493,8 @@ class Studio:
         # What follows the gap, less the separator (the ARM writes its own, as its stop) and the closing EOS.
         after = canvas[len(prompt) + gap + len(tok(sep, add_special_tokens=False)["input_ids"]):-1]
 
-        def answer(tokens, _canvas):
-            return tok.decode(tokens, skip_special_tokens=True).split(sep)[0].split("\n")[0].strip()
-
-        view = _View([], answer, causal=True, before=prompt[1:], after=after)
+        view = _View([], lambda tokens, _canvas: poems.arm_gap_text(tok, tokens, line), causal=True,
+                     before=prompt[1:], after=after)
         return self._stream_arm(prompt, gap + 1, settings, should_stop, view, stop_ids=poems.arm_stop_ids(tok, ids, line))
 
     def _stream_arm(self, prompt: list[int], max_new: int, settings: ChatSettings,
