@@ -28,6 +28,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--onnx", default=None, metavar="DIR",
                    help="an existing ONNX export for --backend onnx (default: export once into a cache folder)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
+                   help="run the PyTorch back end through torch.compile at static shapes (CUDA graphs on a GPU; "
+                        "compiled at start-up, seconds per shape); auto: on with CUDA, off on a CPU")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)")
     p.add_argument("--port", type=int, default=7860, help="port to serve the page on")
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link")
@@ -66,7 +69,8 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         studio = build_studio(args.model, args.arm, backend=args.backend, onnx_dir=args.onnx, device=args.device,
-                              threads=args.threads, time_limit_s=args.time_limit, base=args.base)
+                              threads=args.threads, time_limit_s=args.time_limit, base=args.base,
+                              compile=args.compile)
     except ModelLoadError as e:
         sys.exit(f"error: {e}")
     print(f"warmed up in {studio.warm_up():.1f} s (one chat answer and one poem)", flush=True)

@@ -29,6 +29,7 @@ class Denoiser(Protocol):
     supports_cache: bool  # False: the prefix/dual cache modes are unavailable
     max_length: int  # longest sequence the model accepts
     causal: bool  # an autoregressive model (the ARM twin): only the autoregressive decoder runs it
+    deferred_sync: bool  # the sampler reads its block-done flag one step late (never waits on the device)
 
     def __call__(
         self,
@@ -47,6 +48,7 @@ class TorchDenoiser:
 
     name = "torch"
     supports_cache = True
+    deferred_sync = False
 
     def __init__(self, model: LLaDAModelLM):
         self.model = model.eval()
@@ -87,6 +89,7 @@ class OnnxDenoiser:
     """
 
     name = "onnx"
+    deferred_sync = False  # its IO-binding run waits for torch's stream anyway
 
     def __init__(self, folder, *, device: str | torch.device = "cpu", expect_config=None, tokenizer=None,
                  fingerprint: str | None = None, threads: int | None = None, optimization: str = "all"):

@@ -2,6 +2,8 @@
 
     python -m llada_app.bench                    # the bundled model, CPU, gen length 128
     python -m llada_app.bench --shape 8b --device cuda --dtype bf16 --gen-length 256
+    python -m llada_app.bench --shape 8b --device cuda --no-arm --prompts 1 --prompt-length 64 --gen-length 256 \
+        --modes vanilla threshold+dual --compile --kernels --onnx-layers 4 --repeats 3 --json   # every GPU figure
     python -m llada_app.bench --backend onnx --json
 
 For each mode (vanilla with steps = gen length, threshold, prefix cache, dual cache, threshold +
@@ -57,52 +59,59 @@ class Row:
     accuracy: float | None = None  # exact match with the expected answer (poem prompts)
     cpu_s: float = 0.0  # process CPU time of the same run (robust to other processes on a shared machine)
     speedup_cpu: float | None = None  # vanilla's cpu_s / its own (same work, so comparable for all rows)
-    denoiser_s: float = 0.0  # time inside the denoiser (same run as wall_s)
-    ms_per_forward: float = 0.0  # denoiser_s per forward pass (vanilla: a full pass; dual: mostly block passes)
-    overhead_pct: float = 0.0  # 100 * (wall - denoiser) / wall
+    denoiser_s: float | None = 0.0  # time inside the denoiser (same run as wall_s; None on a GPU: not timed)
+    ms_per_forward: float | None = 0.0  # denoiser_s per forward pass (vanilla: a full pass; dual: mostly block passes)
+    overhead_pct: float | None = 0.0  # 100 * (wall - denoiser) / wall
     config: dict = field(default_factory=dict)
 
 
 class TimedDenoiser:
-    """Wraps a denoiser and adds up the seconds spent inside it (synchronising CUDA around each call)."""
+    """Wraps a denoiser, counting its calls and adding up the seconds spent inside it. On a GPU that time
+    would need a sync around every call, which is itself the cost being measured: there it is not taken
+    (`seconds` stays NaN) and only the wall time counts."""
 
     def __init__(self, inner):
         self.inner, self.seconds, self.calls = inner, 0.0, 0
-        for attr in ("name", "device", "supports_cache", "max_length", "causal"):
+        for attr in ("name", "device", "supports_cache", "max_length", "causal", "deferred_sync"):
             setattr(self, attr, getattr(inner, attr))
-        self._cuda = torch.device(self.device).type == "cuda"
+        self.timed = torch.device(self.device).type == "cpu"
 
     def __call__(self, *args, **kw):
-        if self._cuda:
-            torch.cuda.synchronize()
         t = time.perf_counter()
         out = self.inner(*args, **kw)
-        if self._cuda:
-            torch.cuda.synchronize()
-        self.seconds += time.perf_counter() - t
+        self.seconds += (time.perf_counter() - t) if self.timed else float("nan")
         self.calls += 1
         return out
 
 
-def make_denoiser(loaded: LoadedModel, backend: str = "torch", onnx_dir: str | None = None):
-    """The denoiser for `--backend torch|onnx` (ONNX: export.onnx_export.onnx_denoiser)."""
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def make_denoiser(loaded: LoadedModel, backend: str = "torch", onnx_dir: str | None = None,
+                  compiled: bool = False):
+    """The denoiser for `--backend torch|onnx` (ONNX: export.onnx_export.onnx_denoiser); `compiled`: the
+    captured PyTorch path (llada_app/compiled.py)."""
     if backend == "onnx":
         from export.onnx_export import onnx_denoiser
 
         return onnx_denoiser(loaded, onnx_dir=onnx_dir)
     from .backends import TorchDenoiser
+    from .compiled import CompiledDenoiser
 
-    return TorchDenoiser(loaded.model)
+    return CompiledDenoiser(loaded.model) if compiled else TorchDenoiser(loaded.model)
 
 
-def random_model(shape: str, tokenizer, device: str, dtype: torch.dtype, causal: bool = False,
-                 seed: int = 0) -> LoadedModel:
-    """A random-weight LLaDA of a named shape (modeling.SHAPES), built directly on `device` in `dtype`."""
+def random_model(shape: str | dict, tokenizer, device: str, dtype: torch.dtype, causal: bool = False,
+                 seed: int = 0, **overrides) -> LoadedModel:
+    """A random-weight LLaDA of a named shape (modeling.SHAPES) or a shape dict, with `overrides`
+    (n_layers=4, say), built directly on `device` in `dtype`."""
     from .modeling import LLaDAConfig, LLaDAModelLM
 
-    if shape not in SHAPES:
+    if isinstance(shape, str) and shape not in SHAPES:
         raise ValueError(f"unknown shape {shape!r}; use one of {sorted(SHAPES)}")
-    kw = dict(SHAPES[shape])
+    kw = dict(SHAPES[shape] if isinstance(shape, str) else shape, **overrides)
     kw["vocab_size"] = max(kw["vocab_size"], len(tokenizer))
     config = LLaDAConfig(**kw, embedding_size=kw["vocab_size"], causal=causal,
                          mask_token_id=tokenizer.mask_token_id, eos_token_id=tokenizer.eos_token_id,
@@ -115,7 +124,8 @@ def random_model(shape: str, tokenizer, device: str, dtype: torch.dtype, causal:
             model = LLaDAModelLM(config).eval()
     finally:
         torch.set_default_dtype(default)
-    name = f"random-{shape}" + ("-causal" if causal else "")
+    name = f"random-{shape if isinstance(shape, str) else 'shape'}" + ("-causal" if causal else "")
+    name += "".join(f"-{k}{v}" for k, v in overrides.items())
     return LoadedModel(model, tokenizer, ModelCard.build(name, tokenizer, config))
 
 
@@ -195,12 +205,15 @@ class Job:
     def run(self, max_new_tokens: int) -> tuple[float, float, float, float]:
         den, ids = self.denoiser, self.ids
         den.seconds, den.calls, outs = 0.0, 0, []
+        _sync(den.device)
         t, c = time.perf_counter(), time.process_time()
         for prompt, attn in self.batches:
             seq = generate_answers(den, prompt, attn, ids, config=self.config, lengths=self.lengths,
                                    max_new_tokens=max_new_tokens)
-            outs.append(seq[:, prompt.shape[1]:].cpu())
+            outs.append(seq[:, prompt.shape[1]:])
+        _sync(den.device)
         wall, cpu = time.perf_counter() - t, time.process_time() - c
+        outs = [o.cpu() for o in outs]
         self.outs = outs
         return wall, cpu, den.seconds, den.calls / len(self.batches)
 
@@ -242,6 +255,7 @@ def run_bench(args) -> dict:
             raise SystemExit(f"the bundled model {DEFAULT_MODEL} is not there yet: pass --model DIR or --shape sonnets")
         loaded = load_model(model_dir, device=str(device), dtype=dtype)
     denoiser = TimedDenoiser(make_denoiser(loaded, args.backend, args.onnx))
+    captured = TimedDenoiser(make_denoiser(loaded, compiled=True)) if args.compile else None
 
     # ARM twin: --arm DIR, else the bundled one next to a bundled model, else a random causal twin
     arm = None
@@ -262,6 +276,8 @@ def run_bench(args) -> dict:
 
     def batches_for(lm: LoadedModel):
         ids_ = [chat_prompt_ids(lm.tokenizer, [{"role": "user", "content": p.question}]) for p in prompts]
+        if args.prompt_length:  # exactly this many tokens: the questions cut or repeated
+            ids_ = [(q * (args.prompt_length // len(q) + 1))[-args.prompt_length:] for q in ids_]
         out = []
         for k in range(0, len(ids_), args.batch_size):
             x, attn = pad_prompts(ids_[k:k + args.batch_size], lm.ids.pad)
@@ -283,6 +299,9 @@ def run_bench(args) -> dict:
             skipped.append(mode)
         else:
             jobs.append(Job(mode, denoiser, batches, configs[mode], loaded.ids))
+    if captured is not None:  # the same modes through the captured path (its block step: dual cache)
+        jobs += [Job(f"compiled {mode}", captured, batches, configs[mode], loaded.ids)
+                 for mode in modes if configs[mode].cache != "prefix"]
     if args.lengths:
         jobs.append(Job("length-search", denoiser, batches, configs["vanilla"], loaded.ids,
                         lengths=args.lengths))
@@ -310,8 +329,9 @@ def run_bench(args) -> dict:
             if job.lengths:
                 extra["config"]["lengths"] = format_lengths(job.lengths)
         rows.append(Row(job.name, nfe, wall, wall / n, produced / wall, cpu_s=cpu, accuracy=_accuracy(texts, prompts),
-                        denoiser_s=den, ms_per_forward=1e3 * den / (nfe * len(job.batches)),
-                        overhead_pct=100 * (wall - den) / wall, **extra))
+                        **(dict(denoiser_s=den, ms_per_forward=1e3 * den / (nfe * len(job.batches)),
+                                overhead_pct=100 * (wall - den) / wall) if den == den else  # NaN: not timed (GPU)
+                           dict(denoiser_s=None, ms_per_forward=None, overhead_pct=None)), **extra))
     base = rows[0]
     for r in rows:
         if r.mode.startswith("arm"):
@@ -323,11 +343,95 @@ def run_bench(args) -> dict:
         rows.append(Row(mode, float("nan"), float("nan"), float("nan"), float("nan"),
                         config=dict(skipped=f"the {denoiser.name} denoiser has no K/V cache support")))
     samples = [dict(question=p.question, expected=p.expected, vanilla=t) for p, t in zip(prompts[:3], vanilla_texts)]
-    return dict(model=loaded.name, arm=arm[1].name if arm else None, backend=denoiser.name, device=str(device),
+    kernels = kernel_rows(loaded, args) if args.kernels else []
+    return dict(kernels=kernels, compile_s=captured.inner.compile_s if captured else None, model=loaded.name, arm=arm[1].name if arm else None, backend=denoiser.name, device=str(device),
                 split=None if args.shape else args.split,
                 dtype=str(dtype).removeprefix("torch."), threads=torch.get_num_threads(), prompts=n,
-                batch_size=args.batch_size, gen_length=args.gen_length, block_length=args.block_length,
+                batch_size=args.batch_size, prompt_length=args.prompt_length, gen_length=args.gen_length, block_length=args.block_length,
                 threshold=args.threshold, repeats=args.repeats, rows=[asdict(r) for r in rows], samples=samples)
+
+
+def kernel_rows(loaded: LoadedModel, args) -> list[dict]:
+    """Single forward passes as the sampler makes them, eager against compiled, batch 1, median ms of
+    --kernel-runs after a warm-up (the compile itself happens in the warm-up):
+
+      - the full forward over --kernel-length positions, the LM head on one block (what starts a block);
+      - the dual-cache block step: --block-length queries against prompt + gen length keys;
+      - with --onnx-layers N: the full forward of a random model of the same width with N layers, ONNX
+        Runtime (fp16 with CUDA, IO binding; fp32 on a CPU) against compiled PyTorch on the same model.
+    """
+    from .backends import TorchDenoiser
+    from .compiled import CompiledDenoiser
+
+    device, Lb = loaded.device, args.block_length
+    L = min(args.kernel_length, loaded.model.config.max_sequence_length)
+    S = min((args.prompt_length or 64) + args.gen_length, loaded.model.config.max_sequence_length)
+    V = loaded.model.config.vocab_size
+    gen = torch.Generator().manual_seed(0)
+
+    def ids(n):
+        return torch.randint(0, V - 8, (1, n), generator=gen).to(device)
+
+    def calls(denoiser):
+        x, xs = ids(L), ids(S)
+        past = denoiser(xs, use_cache=True, logits_slice=slice(S - Lb, S)).past_key_values
+        return {f"full forward L={L}": lambda: denoiser(x, use_cache=True, logits_slice=slice(L - Lb, L)),
+                f"dual block step {Lb}x{S}": lambda: denoiser(xs[:, S - Lb:], past_key_values=past, start=S - Lb)}
+
+    eager, compiled = calls(TorchDenoiser(loaded.model)), calls(CompiledDenoiser(loaded.model))
+    rows = []
+    for name in eager:
+        ms = _median_ms({"eager": eager[name], "compiled": compiled[name]}, args.kernel_runs, device)
+        rows.append(dict(kernel=name, eager_ms=ms["eager"], compiled_ms=ms["compiled"],
+                         speedup=ms["eager"] / ms["compiled"]))
+    if args.onnx_layers:
+        rows.append(_onnx_kernel(loaded, args, L, ids(L)))
+    return rows
+
+
+def _onnx_kernel(loaded: LoadedModel, args, L: int, x: torch.Tensor) -> dict:
+    import tempfile
+
+    from export.onnx_export import export_onnx
+
+    from .backends import OnnxDenoiser
+    from .compiled import CompiledDenoiser
+
+    device = loaded.device
+    cuda = device.type == "cuda"
+    cfg = loaded.model.config
+    shape = {k: getattr(cfg, k) for k in SHAPES["8b"]}  # the loaded model's width, context and vocabulary
+    small = random_model(shape, loaded.tokenizer, str(device), loaded.model.dtype, n_layers=args.onnx_layers)
+    dtype = "fp16" if cuda else "fp32"
+    with tempfile.TemporaryDirectory() as tmp:
+        t = time.perf_counter()
+        folder = export_onnx(small, Path(tmp) / "onnx", dtype=dtype, device=device.type, with_past=False)
+        export_s = time.perf_counter() - t
+        ort = OnnxDenoiser(folder, device=device, expect_config=small.model.config)
+        ours = CompiledDenoiser(small.model)
+        Lb = args.block_length
+        ms = _median_ms({"compiled": lambda: ours(x, logits_slice=slice(L - Lb, L)),
+                         "onnx": lambda: ort(x, logits_slice=slice(L - Lb, L))}, args.kernel_runs, device)
+    return dict(kernel=f"full forward L={L}, {args.onnx_layers} layers: ORT {dtype} vs compiled torch",
+                eager_ms=None, compiled_ms=ms["compiled"], onnx_ms=ms["onnx"], onnx_vs_compiled=ms["onnx"] / ms["compiled"],
+                export_s=export_s, providers=ort.providers)
+
+
+def _median_ms(fns: dict, runs: int, device) -> dict:
+    """Median ms per call of each function, measured round-robin after two warm-up calls each."""
+    import statistics
+
+    for fn in fns.values():
+        fn(), fn()
+    times = {k: [] for k in fns}
+    for _ in range(runs):
+        for k, fn in fns.items():
+            _sync(device)
+            t = time.perf_counter()
+            fn()
+            _sync(device)
+            times[k].append(1e3 * (time.perf_counter() - t))
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def format_table(result: dict) -> str:
@@ -346,6 +450,14 @@ def format_table(result: dict) -> str:
                      f"{f(r['tok_s'], '.1f')} | {f(r['speedup'], '.2f')}x | {f(r['cpu_s'], '.3f')} | "
                      f"{f(r['speedup_cpu'], '.2f')}x | {f(r['agree_tokens'], '.3f')} | {f(r['agree_answers'], '.3f')} | "
                      f"{f(r['accuracy'], '.3f')} | {f(r['ms_per_forward'], '.2f')} | {f(r['overhead_pct'], '.1f')}% |")
+    if result.get("compile_s") is not None:
+        lines.append(f"compiled rows: {result['compile_s']:.1f} s spent compiling (in their warm-up)")
+    if result.get("kernels"):
+        lines += ["", "| forward pass (batch 1) | eager ms | compiled ms | eager / compiled | ONNX Runtime ms | ORT / compiled |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for k in result["kernels"]:
+            lines.append(f"| {k['kernel']} | {f(k.get('eager_ms'), '.2f')} | {f(k['compiled_ms'], '.2f')} | "
+                         f"{f(k.get('speedup'), '.2f')} | {f(k.get('onnx_ms'), '.2f')} | {f(k.get('onnx_vs_compiled'), '.2f')} |")
     return "\n".join(lines)
 
 
@@ -382,6 +494,18 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=3, help="timed runs per mode (the median is reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per mode first")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--prompt-length", type=int, default=None,
+                   help="cut or repeat every prompt to exactly this many tokens (default: the questions as they are)")
+    p.add_argument("--compile", action="store_true",
+                   help="also run the modes through the captured path (torch.compile at static shapes; CUDA "
+                        "graphs on a GPU), checked against eager vanilla like every row")
+    p.add_argument("--kernels", action="store_true",
+                   help="also time single forward passes, eager vs compiled (and ONNX Runtime, see --onnx-layers)")
+    p.add_argument("--kernel-length", type=int, default=1024, help="sequence length of the full-forward timing")
+    p.add_argument("--kernel-runs", type=int, default=20, help="timed calls per forward pass (median reported)")
+    p.add_argument("--onnx-layers", type=int, default=0,
+                   help="with --kernels: export a random model of the same width with this many layers and time "
+                        "ONNX Runtime against compiled PyTorch on it (0: skip)")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     return p.parse_args(argv)
 

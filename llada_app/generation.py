@@ -302,6 +302,10 @@ def _sample(denoiser, x, P, attn, config, mask_id, eos_id, eot_id) -> Iterator[S
     attn = None if attn is None else attn.to(dev).long()
     canvas = x.clone()  # [B, L] the starting canvas: MASK where the sampler fills in (for displays)
     cfg = config.cfg_scale > 0
+    # A back end that asks for it (the captured GPU path) never waits on the device inside an adaptive
+    # block: each step's block-done flag is read while the next step runs, which costs one forward pass
+    # per block that reveals nothing (counted in nfe, not yielded).
+    deferred = config.adaptive and getattr(denoiser, "deferred_sync", False)
 
     # Built once: creating a tensor from a Python list inside the loop would be a host-to-device copy
     # (and so a sync) at every step on a GPU.
@@ -359,6 +363,7 @@ def _sample(denoiser, x, P, attn, config, mask_id, eos_id, eot_id) -> Iterator[S
         schedule = schedules.get(b)  # [B, steps] or None (adaptive)
         last_block = b == work[-1]
         past, past_r0, i = None, 0, 0
+        held = None  # deferred: the previous Step and its block-not-done flag, not yet read
         while True:
             r0 = 0 if schedule is None else first_row[b][i]  # rows before r0 are done with this block
             if past is not None and r0 > past_r0:
@@ -374,19 +379,50 @@ def _sample(denoiser, x, P, attn, config, mask_id, eos_id, eot_id) -> Iterator[S
             reveal = _top_k_mask(conf, k)  # [B - r0, Lb] bool, only MASK slots: fixed slots are never candidates
             blk.copy_(torch.where(reveal, x0, blk))
             i += 1
-            if schedule is not None:
-                block_done = i == schedule.shape[1]
-            else:  # adaptive: the one host sync of the loop
-                block_done = not bool((blk == mask_id).any())
             step += 1
             revealed = torch.zeros(B, L, dtype=torch.bool, device=dev)
             revealed[r0:, bs:be] = reveal
             confidence = torch.zeros(B, L, dtype=torch.float32, device=dev)
             confidence[r0:, bs:be] = torch.where(reveal, conf, 0.0)
-            yield Step(ids=x.clone(), prompt_length=P, revealed=revealed, confidence=confidence,
-                       step=step, nfe=nfe, done=block_done and last_block, block=b, canvas=canvas)
+            record = Step(ids=x.clone(), prompt_length=P, revealed=revealed, confidence=confidence,
+                          step=step, nfe=nfe, done=False, block=b, canvas=canvas)
+            if deferred:  # read the previous step's flag while this one runs; yield that step now
+                flag = _HostFlag((blk == mask_id).any())
+                if held is not None:
+                    previous, previous_flag = held
+                    if not previous_flag.get():  # it finished the block: this step revealed nothing
+                        step -= 1
+                        yield replace(previous, done=last_block, nfe=nfe)
+                        break
+                    yield previous
+                held = record, flag
+                continue
+            if schedule is not None:
+                block_done = i == schedule.shape[1]
+            else:  # adaptive: the one host sync of the loop
+                block_done = not bool((blk == mask_id).any())
+            yield replace(record, done=block_done and last_block)
             if block_done:
                 break
+
+
+class _HostFlag:
+    """A device bool scalar for the host to read later: the copy is queued now, `get` waits for it only."""
+
+    def __init__(self, t: torch.Tensor):
+        self._event = None
+        if t.device.type == "cuda":
+            self._value = torch.empty((), dtype=torch.bool, pin_memory=True)
+            self._value.copy_(t, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._value = t
+
+    def get(self) -> bool:
+        if self._event is not None:
+            self._event.synchronize()
+        return bool(self._value)
 
 
 def _drop_rows(past: tuple, n: int, groups: int) -> tuple:

@@ -184,13 +184,16 @@ class LLaDABlock(nn.Module):
         m = self.ff_norm(x)
         return x + self.ff_out(F.silu(self.ff_proj(m)) * self.up_proj(m))
 
-    def forward(self, x, cos, sin, attn_bias, past: KV | None, start: int, causal: bool):
-        T = x.shape[1]
+    def forward(self, x, cos, sin, attn_bias, past: KV | None, start: int | torch.Tensor, positions: torch.Tensor,
+                causal: bool):
+        """positions [T]: the queries' absolute positions, start .. start+T-1."""
         q, k, v = self.qkv(x, cos, sin)
         if past is not None:
             pk, pv = past
-            k = torch.cat([pk[:, :, :start], k, pk[:, :, start + T:]], dim=2)  # [B, nkv, S, hd]
-            v = torch.cat([pv[:, :, :start], v, pv[:, :, start + T:]], dim=2)
+            if torch.is_tensor(start) or pk.shape[2] >= start + x.shape[1]:  # the cache holds every key:
+                k, v = pk.index_copy(2, positions, k), pv.index_copy(2, positions, v)  # overwrite the queries' [B, nkv, S, hd]
+            else:  # a prefix cache: the queries run on to the end of the sequence
+                k, v = torch.cat([pk[:, :, :start], k], dim=2), torch.cat([pv[:, :, :start], v], dim=2)
         is_causal = causal and attn_bias is None and past is None
         return self.attend_and_mlp(x, q, k, v, attn_bias, is_causal), (k, v)
 
@@ -243,8 +246,9 @@ class LLaDAModelLM(LLaDAPreTrainedModel):
         attention_mask: torch.Tensor | None = None,  # [B, S] over keys; 0 = padding (never attended)
         past_key_values: tuple[KV, ...] | None = None,
         use_cache: bool = False,
-        start: int = 0,  # absolute position of input_ids[:, 0]
-        logits_slice: slice | None = None,  # query positions to run the LM head on (default: all)
+        start: int | torch.Tensor = 0,  # absolute position of input_ids[:, 0] (0-dim tensor: with a full cache)
+        logits_slice: slice | torch.Tensor | None = None,  # query positions to run the LM head on (a slice or
+        # a LongTensor of positions; default: all)
         **kwargs,
     ) -> LLaDAOutput:
         cfg, tr = self.config, self.model.transformer
@@ -252,18 +256,24 @@ class LLaDAModelLM(LLaDAPreTrainedModel):
         if past_key_values is not None and len(past_key_values) != cfg.n_layers:
             raise ValueError(f"past_key_values has {len(past_key_values)} layers, model has {cfg.n_layers}")
         past_len = 0 if past_key_values is None else past_key_values[0][0].shape[2]
-        S = max(start + T, past_len)  # number of keys
+        if torch.is_tensor(start):  # a 0-dim tensor start (one compiled graph for every block) needs a full cache
+            if past_len == 0:
+                raise ValueError("a tensor start needs past_key_values that hold every key")
+            S = past_len
+        else:
+            S = max(start + T, past_len)  # number of keys
         if S > cfg.max_sequence_length:
             raise ValueError(f"sequence of {S} tokens exceeds max_sequence_length {cfg.max_sequence_length}")
 
         x = tr.wte(input_ids)  # [B, T, d]
         rope_dtype = torch.promote_types(x.dtype, torch.float32)  # fp32 for bf16/fp16/fp32 models
-        cos, sin = rope_cos_sin(torch.arange(start, start + T, device=x.device), cfg.head_dim, cfg.rope_theta, rope_dtype)
-        attn_bias = self._attention_bias(attention_mask, B, T, S, start, x)
+        positions = start + torch.arange(T, device=x.device)  # [T]
+        cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, rope_dtype)
+        attn_bias = self._attention_bias(attention_mask, B, T, S, start, positions, x)
         presents = []
         for i, block in enumerate(tr.blocks):
             past = None if past_key_values is None else past_key_values[i]
-            x, present = block(x, cos, sin, attn_bias, past, start, cfg.causal)
+            x, present = block(x, cos, sin, attn_bias, past, start, positions, cfg.causal)
             if use_cache:
                 presents.append(present)
         if logits_slice is not None:
@@ -273,9 +283,9 @@ class LLaDAModelLM(LLaDAPreTrainedModel):
         logits = F.linear(x, head)
         return LLaDAOutput(logits=logits, past_key_values=tuple(presents) if use_cache else None)
 
-    def _attention_bias(self, attention_mask, B, T, S, start, x) -> torch.Tensor | None:
+    def _attention_bias(self, attention_mask, B, T, S, start, positions, x) -> torch.Tensor | None:
         """Additive bias [B, 1, T, S]: a large negative value on padded keys (and on future keys if causal)."""
-        if attention_mask is None and not (self.config.causal and (start or S != T)):
+        if attention_mask is None and not (self.config.causal and (torch.is_tensor(start) or start or S != T)):
             return None  # SDPA's own is_causal covers the plain causal case
         neg = torch.finfo(x.dtype).min
         allowed = torch.ones(B, 1, T, S, dtype=torch.bool, device=x.device)
@@ -284,7 +294,6 @@ class LLaDAModelLM(LLaDAPreTrainedModel):
                 raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, S)}")
             allowed = allowed & attention_mask.bool()[:, None, None, :]
         if self.config.causal:
-            q_pos = torch.arange(start, start + T, device=x.device)[:, None]
-            allowed = allowed & (torch.arange(S, device=x.device)[None, :] <= q_pos)
+            allowed = allowed & (torch.arange(S, device=x.device)[None, :] <= positions[:, None])
         bias = torch.zeros(B, 1, T, S, dtype=x.dtype, device=x.device)
         return bias.masked_fill(~allowed, neg)

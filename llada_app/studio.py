@@ -24,6 +24,7 @@ import torch
 
 from . import poems
 from .backends import Denoiser, TorchDenoiser
+from .compiled import CompiledDenoiser
 from .loading import LoadedModel
 from .tokenization import chat_prompt_ids, decode_answer
 
@@ -113,24 +114,27 @@ class Studio:
     eval_time_limit_s: float = 900.0  # per evaluation (a few minutes for the bundled pair on a 2-core CPU)
     frame_interval_s: float = 1 / 30  # at most this many frames per second reach the page
     onnx_cache: Path | None = None  # root of the ONNX export cache (None: export's default)
+    compiled: bool = False  # the PyTorch models run through the captured path (llada_app/compiled.py)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _eval_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _onnx: Denoiser | None = field(default=None, repr=False)
     _torch: Denoiser | None = field(default=None, repr=False)
 
     def __post_init__(self):
-        self._torch = TorchDenoiser(self.mdm.model)
+        mdm_denoiser = CompiledDenoiser if self.compiled else TorchDenoiser
+        self._torch = mdm_denoiser(self.mdm.model)
         if self.denoiser is None:
             self.denoiser = self._torch
         elif self.denoiser.name == "onnx":
             self._onnx = self.denoiser
         self._arm_denoiser = TorchDenoiser(self.arm.model) if self.arm is not None else None
-        self._base_denoiser = TorchDenoiser(self.base.model) if self.base is not None else None
+        self._base_denoiser = mdm_denoiser(self.base.model) if self.base is not None else None
 
     # ---- model panel -------------------------------------------------------------------------
     def describe(self) -> dict:
         info = self.mdm.describe()
-        info["backend"] = self.current_denoiser().name
+        denoiser = self.current_denoiser()
+        info["backend"] = denoiser.name + (" (compiled)" if isinstance(denoiser, CompiledDenoiser) else "")
         info["arm"] = self.arm.name if self.arm is not None else None
         info["base"] = self.base.name if self.base is not None else None
         return info
@@ -752,10 +756,10 @@ def cpu_threads(mdm: LoadedModel, requested: int) -> int:
 
 def build_studio(model: str, arm: str | None, backend: str = "torch", onnx_dir: str | None = None,
                  device: str = "auto", threads: int | None = None, progress: Callable[[str], None] = print,
-                 base: str | None = None, **kwargs) -> Studio:
+                 base: str | None = None, compile: str = "off", **kwargs) -> Studio:
     """Load the models named on the command line; an ARM or a base model that cannot be loaded only
     disables what needs it (with a note). `threads`: torch CPU threads (0: auto, see `cpu_threads`; None:
-    leave torch's setting alone)."""
+    leave torch's setting alone). `compile`: "on", "off" or "auto" (the captured path on CUDA only)."""
     from .loading import ModelLoadError, load_model
 
     progress(f"loading {model} …")
@@ -785,7 +789,10 @@ def build_studio(model: str, arm: str | None, backend: str = "torch", onnx_dir: 
         except ModelLoadError as e:
             base_model = None
             progress(f"No base model (completion runs on {model}): {e}")
-    studio = Studio(mdm, twin, base=base_model, arm_note=note, **kwargs)
+    if compile not in ("auto", "on", "off"):
+        raise ModelLoadError(f"compile must be 'auto', 'on' or 'off', got {compile!r}")
+    compiled = compile == "on" or (compile == "auto" and mdm.device.type == "cuda")
+    studio = Studio(mdm, twin, base=base_model, arm_note=note, compiled=compiled, **kwargs)
     if backend != "torch":
         from export.onnx_export import onnx_denoiser
 

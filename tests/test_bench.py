@@ -61,3 +61,23 @@ def test_agreement_is_measured_against_vanilla_on_the_same_prompts():
                     **kw)[:, x.shape[1]:]
     assert rows["threshold+dual"]["agree_tokens"] == pytest.approx(float((vanilla == fast).float().mean()))
     assert rows["threshold+dual"]["nfe"] < rows["vanilla"]["nfe"]  # a trained model reveals several per step
+
+
+def test_compiled_rows_and_kernels_on_a_cpu(capsys):
+    """--compile runs the modes through the captured path (same tokens as eager vanilla on vanilla's
+    schedule); --kernels times single passes, and --onnx-layers one ONNX Runtime forward beside them."""
+    bench.main(["--shape", "sonnets", "--no-arm", "--prompts", "1", "--prompt-length", "40", "--gen-length", "32",
+                "--block-length", "16", "--modes", "vanilla", "threshold+dual", "--repeats", "1", "--warmup", "0",
+                "--compile", "--kernels", "--kernel-length", "128", "--kernel-runs", "2", "--onnx-layers", "1",
+                "--json"])
+    result = json.loads(capsys.readouterr().out)
+    rows = {r["mode"]: r for r in result["rows"]}
+    assert result["prompt_length"] == 40 and result["compile_s"] > 0
+    assert rows["compiled vanilla"]["agree_tokens"] == 1.0 and rows["compiled vanilla"]["nfe"] == 32
+    assert rows["compiled threshold+dual"]["agree_tokens"] == rows["threshold+dual"]["agree_tokens"]
+    kernels = {k["kernel"].split(",")[0]: k for k in result["kernels"]}
+    assert set(kernels) == {"full forward L=128", "dual block step 16x72"}
+    assert all(k["compiled_ms"] > 0 for k in result["kernels"])
+    onnx = [k for k in result["kernels"] if "ORT" in k["kernel"]]
+    assert len(onnx) == 1 and onnx[0]["onnx_ms"] > 0 and onnx[0]["providers"][0] == "CPUExecutionProvider"
+    assert "| forward pass (batch 1) |" in bench.format_table(result)
