@@ -353,13 +353,15 @@ def run_bench(args) -> dict:
 
 def kernel_rows(loaded: LoadedModel, args) -> list[dict]:
     """Single forward passes as the sampler makes them, eager against compiled, batch 1, median ms of
-    --kernel-runs after a warm-up (the compile itself happens in the warm-up):
+    --kernel-runs after a warm-up call (the compile itself happens in it):
 
       - the full forward over --kernel-length positions, the LM head on one block (what starts a block);
       - the dual-cache block step: --block-length queries against prompt + gen length keys;
       - with --onnx-layers N: the full forward of a random model of the same width with N layers, ONNX
         Runtime (fp16 with CUDA, IO binding; fp32 on a CPU) against compiled PyTorch on the same model.
     """
+    from export.bench import alternate
+
     from .backends import TorchDenoiser
     from .compiled import CompiledDenoiser
 
@@ -381,7 +383,7 @@ def kernel_rows(loaded: LoadedModel, args) -> list[dict]:
     eager, compiled = calls(TorchDenoiser(loaded.model)), calls(CompiledDenoiser(loaded.model))
     rows = []
     for name in eager:
-        ms = _median_ms({"eager": eager[name], "compiled": compiled[name]}, args.kernel_runs, device)
+        ms = alternate({"eager": eager[name], "compiled": compiled[name]}, args.kernel_runs, device.type == "cuda")
         rows.append(dict(kernel=name, eager_ms=ms["eager"], compiled_ms=ms["compiled"],
                          speedup=ms["eager"] / ms["compiled"]))
     if args.onnx_layers:
@@ -392,6 +394,7 @@ def kernel_rows(loaded: LoadedModel, args) -> list[dict]:
 def _onnx_kernel(loaded: LoadedModel, args, L: int, x: torch.Tensor) -> dict:
     import tempfile
 
+    from export.bench import alternate
     from export.onnx_export import export_onnx
 
     from .backends import OnnxDenoiser
@@ -410,28 +413,11 @@ def _onnx_kernel(loaded: LoadedModel, args, L: int, x: torch.Tensor) -> dict:
         ort = OnnxDenoiser(folder, device=device, expect_config=small.model.config)
         ours = CompiledDenoiser(small.model)
         Lb = args.block_length
-        ms = _median_ms({"compiled": lambda: ours(x, logits_slice=slice(L - Lb, L)),
-                         "onnx": lambda: ort(x, logits_slice=slice(L - Lb, L))}, args.kernel_runs, device)
+        ms = alternate({"compiled": lambda: ours(x, logits_slice=slice(L - Lb, L)),
+                        "onnx": lambda: ort(x, logits_slice=slice(L - Lb, L))}, args.kernel_runs, cuda)
     return dict(kernel=f"full forward L={L}, {args.onnx_layers} layers: ORT {dtype} vs compiled torch",
                 eager_ms=None, compiled_ms=ms["compiled"], onnx_ms=ms["onnx"], onnx_vs_compiled=ms["onnx"] / ms["compiled"],
                 export_s=export_s, providers=ort.providers)
-
-
-def _median_ms(fns: dict, runs: int, device) -> dict:
-    """Median ms per call of each function, measured round-robin after two warm-up calls each."""
-    import statistics
-
-    for fn in fns.values():
-        fn(), fn()
-    times = {k: [] for k in fns}
-    for _ in range(runs):
-        for k, fn in fns.items():
-            _sync(device)
-            t = time.perf_counter()
-            fn()
-            _sync(device)
-            times[k].append(1e3 * (time.perf_counter() - t))
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def format_table(result: dict) -> str:

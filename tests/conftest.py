@@ -41,6 +41,13 @@ def tiny_tokenizer():
 
 
 @pytest.fixture(scope="session")
+def ids(tiny_tokenizer):
+    """The tiny tokenizer's special ids, as the sampler's keyword arguments (test_modeling's ids are others)."""
+    t = tiny_tokenizer
+    return dict(mask_id=t.mask_token_id, eos_id=t.eos_token_id, eot_id=t.convert_tokens_to_ids("<|eot_id|>"))
+
+
+@pytest.fixture(scope="session")
 def tiny_model(tiny_tokenizer):
     torch.manual_seed(0)
     return LLaDAModelLM(tiny_config(tiny_tokenizer)).eval()

@@ -29,12 +29,6 @@ def model(tiny_tokenizer):
 
 
 @pytest.fixture(scope="module")
-def ids(tiny_tokenizer):
-    t = tiny_tokenizer
-    return dict(mask_id=t.mask_token_id, eos_id=t.eos_token_id, eot_id=t.convert_tokens_to_ids("<|eot_id|>"))
-
-
-@pytest.fixture(scope="module")
 def batch(tiny_tokenizer, ids):
     """Two left-padded prompts of different lengths: a padding mask, and a canvas (13 + 32) that is no bucket."""
     a = tiny_tokenizer("From fairest creatures")["input_ids"]

@@ -34,12 +34,6 @@ def one_layer_model(tiny_tokenizer):
 
 
 @pytest.fixture(scope="module")
-def ids(tiny_tokenizer):
-    t = tiny_tokenizer
-    return dict(mask_id=t.mask_token_id, eos_id=t.eos_token_id, eot_id=t.convert_tokens_to_ids("<|eot_id|>"))
-
-
-@pytest.fixture(scope="module")
 def prompts(tiny_tokenizer):
     a = tiny_tokenizer("From fairest creatures")["input_ids"]
     b = tiny_tokenizer("When forty winters shall besiege thy brow, and dig")["input_ids"]
