@@ -23,6 +23,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="compare PyTorch and ONNX Runtime logits on random inputs; fail past the tolerance")
     p.add_argument("--with-past", action=argparse.BooleanOptionalAction, default=True,
                    help="also export model_with_past.onnx (K/V-cache graph for the prefix/dual cache modes)")
+    p.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=True,
+                   help="fuse each RMSNorm (and the residual add before it) into one ONNX Runtime node; "
+                        "--no-fuse keeps standard ONNX operators only")
     p.add_argument("--json", action="store_true", help="print the parity report as JSON")
     return p.parse_args(argv)
 
@@ -48,7 +51,7 @@ def main(argv=None) -> int:
     try:
         loaded = load_model(args.model, device=args.device, dtype=args.dtype)
         folder = export_onnx(loaded, args.out, dtype=args.dtype, device=args.device, opset=args.opset,
-                             with_past=args.with_past, progress=progress(5, 65 if args.check else 95))
+                             with_past=args.with_past, fuse=args.fuse, progress=progress(5, 65 if args.check else 95))
         report = None
         if args.check:
             report = check_parity(loaded, folder, device=args.device, progress=progress(70, 30))

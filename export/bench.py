@@ -43,6 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompt-length", type=int, default=48)
     p.add_argument("--gen-runs", type=int, default=3, help="timed generations per back end")
     p.add_argument("--no-generate", action="store_true", help="skip the full-generation timing")
+    p.add_argument("--no-fuse", action="store_true", help="export without the normalisation fusions")
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     return p.parse_args(argv)
 
@@ -106,7 +107,8 @@ def main(argv=None) -> int:
     levels = args.opt.split(",")
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(args.onnx) if args.onnx else export_onnx(
-            loaded, Path(tmp) / "onnx", dtype=args.dtype, device=args.device, with_past=not args.no_generate)
+            loaded, Path(tmp) / "onnx", dtype=args.dtype, device=args.device, with_past=not args.no_generate,
+            fuse=not args.no_fuse)
         rows, gens = [], []
         bar = tqdm(total=len(threads) * (len(seqs) + (0 if args.no_generate else 1)), desc="benchmark",
                    disable=args.json, file=sys.stderr)

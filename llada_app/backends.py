@@ -207,7 +207,9 @@ class OnnxDenoiser:
                     feeds[f"past_key_values.{i}.{kind}"] = self._full_length_past(
                         None if past_key_values is None else past_key_values[i][j], kv_shape, input_ids.device)
             wanted = {"logits": (B, T, V)}
-            wanted.update({f"present.{i}.{kind}": kv_shape for i in range(self._n_layers) for kind in ("key", "value")})
+            if use_cache:  # only fetched when asked for (a dual-cache block step reads the logits only)
+                wanted.update({f"present.{i}.{kind}": kv_shape for i in range(self._n_layers)
+                               for kind in ("key", "value")})
             outs = self._run(self.past_session, feeds, wanted, cpu_feeds={"start": start})
             logits = outs[0]
             presents = tuple((outs[1 + 2 * i], outs[2 + 2 * i]) for i in range(self._n_layers)) if use_cache else None

@@ -87,6 +87,7 @@ class TrainConfig:
     mask_eps: float = 1e-3  # p = (1 - eps) t + eps
     t_sampling: str = "iid"  # MDM noise levels of a batch: "iid" t ~ U(0,1), or "stratified" (one offset, evenly spaced)
     random_length_prob: float = 0.01  # pre-training batches cut to a random length
+    line_gap_prob: float = 0.0  # MDM pre-training: share of rows whose noise is one whole line masked, the rest visible
     seed: int = 0
     # run
     threads: int = 0  # torch CPU threads (0: torch's default)
@@ -211,6 +212,7 @@ class Batch:
     prompt_lengths: torch.Tensor | None  # [B] (SFT) or None (pre-training)
     answer_ends: torch.Tensor | None  # [B] SFT: end of answer + stop token (ARM loss); None otherwise
     kind: str  # "pretrain" or "sft"
+    gaps: torch.Tensor | None = None  # [B, L] bool: a row's one masked line (line_gap_prob), all False elsewhere
 
 
 class BatchMaker:
@@ -219,6 +221,7 @@ class BatchMaker:
         self.sonnets, self.sft_sonnets = sonnets, sft_sonnets
         vocab = tokenizer.get_vocab()
         self.eos, self.eot = tokenizer.eos_token_id, vocab[EOT]
+        self.newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
 
     def rng(self, step: int, rank: int) -> np.random.Generator:
         return np.random.default_rng([self.cfg.seed, step, rank])
@@ -240,7 +243,21 @@ class BatchMaker:
         ids = torch.tensor(rows, dtype=torch.long)  # [B, seq_len]
         if rng.random() < cfg.random_length_prob:  # the recipe's 1% of random-length batches
             ids = ids[:, :int(rng.integers(1, cfg.seq_len + 1))]
-        return Batch(ids, None, None, "pretrain")
+        gaps = self.line_gaps(ids, rng) if cfg.line_gap_prob > 0 else None
+        return Batch(ids, None, None, "pretrain", gaps)
+
+    def line_gaps(self, ids: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+        """ids [B, L] -> [B, L] bool: in a line_gap_prob share of the rows, every token of one line (drawn
+        by a uniform token of the row, so longer lines more often), the shape of a completion question."""
+        sep = (ids == self.eos) | torch.isin(ids, torch.tensor(self.newline))  # [B, L]
+        line = sep.cumsum(1)  # [B, L]: tokens of one line share a number
+        gaps = torch.zeros_like(sep)
+        for b in range(ids.shape[0]):
+            words = (~sep[b]).nonzero().flatten()
+            if rng.random() < self.cfg.line_gap_prob and len(words):
+                j = words[int(rng.integers(len(words)))]
+                gaps[b] = (line[b] == line[b, j]) & ~sep[b]
+        return gaps
 
     def sft_batch(self, rng: np.random.Generator) -> Batch:
         cfg, prompts, answers = self.cfg, [], []
@@ -278,6 +295,11 @@ def batch_loss(model, batch: Batch, cfg: TrainConfig, mask_id: int, gen: torch.G
         maskable = cols >= batch.prompt_lengths[:, None]  # [B, L]
         answer_lengths = (L - batch.prompt_lengths).float()  # [B], EOS padding included
     noisy, masked, p = forward_process(ids, t, u, mask_id, cfg.mask_eps, maskable)
+    if batch.gaps is not None and batch.gaps.any():  # a gap row: its line masked, weighted by 1 / its share
+        rows = batch.gaps.any(1)  # [B]
+        masked = torch.where(rows[:, None], batch.gaps, masked)
+        noisy = torch.where(masked, torch.full_like(ids, mask_id), ids)
+        p = torch.where(rows, batch.gaps.sum(1) / L, p)
     return mdm_loss(model(noisy).logits, ids, masked, p, answer_lengths)
 
 

@@ -169,6 +169,45 @@ def test_bad_calls_are_refused(tiny_onnx, tiny_loaded):
         tiny_onnx(torch.zeros(1, 4, dtype=torch.long), start=4)
 
 
+def test_normalisations_are_fused_and_can_be_left_standard(tiny_export, tiny_loaded, tmp_path):
+    """By default every RMSNorm is one ONNX Runtime node (the first one alone, every later one with the
+    residual add before it) and no decomposed norm remains; --no-fuse keeps standard ONNX operators
+    only, and both pass the parity check."""
+    import onnx
+
+    n = tiny_loaded.model.config.n_layers
+    manifest = json.loads((tiny_export / MANIFEST_FILE).read_text())
+    plain = export_onnx(tiny_loaded, tmp_path / "plain", fuse=False)
+    for file in ("model.onnx", "model_with_past.onnx"):
+        ops = [node.op_type for node in onnx.load(str(tiny_export / file)).graph.node]
+        assert ops.count("SimplifiedLayerNormalization") == 1 and ops.count("SkipSimplifiedLayerNormalization") == 2 * n
+        assert "ReduceMean" not in ops and "Pow" not in ops
+        graph = onnx.load(str(plain / file)).graph
+        assert {node.domain for node in graph.node} <= {"", "ai.onnx"}
+        assert sum(node.op_type == "ReduceMean" for node in graph.node) == 2 * n + 1
+    assert manifest["graphs"]["model"]["fused"] == {"rms_norm": 2 * n + 1, "add_rms_norm": 2 * n}  # of which 2n merged
+    assert check_parity(tiny_loaded, plain)["passed"]
+
+
+@pytest.mark.parametrize("nh,nkv,T,S,causal", [(4, 2, 5, 9, False), (4, 4, 3, 3, True), (6, 2, 1, 7, False)])
+def test_grouped_attention_is_scaled_dot_product_attention(nh, nkv, T, S, causal):
+    """The graphs' attention (query heads stacked per K/V head) against SDPA on repeated K/V, with padded
+    keys, and a causal mask for the twin."""
+    import torch.nn.functional as F
+
+    from export.onnx_export import grouped_attention
+
+    g = torch.Generator().manual_seed(nh * S)
+    q, k, v = (torch.randn(2, h, n, 8, generator=g) for h, n in ((nh, T), (nkv, S), (nkv, S)))
+    allowed = (torch.arange(S) >= torch.tensor([[0], [2]]))[:, None, None, :]  # [B, 1, 1, S]: row 1 padded
+    if causal:
+        allowed = allowed & (torch.arange(S)[None, :] <= torch.arange(S - T, S)[:, None])
+    bias = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    want = F.scaled_dot_product_attention(q, k.repeat_interleave(nh // nkv, 1), v.repeat_interleave(nh // nkv, 1),
+                                          attn_mask=bias)
+    torch.testing.assert_close(grouped_attention(q, k, v, bias), want, rtol=1e-5, atol=1e-6)
+
+
 def test_parity_check_fails_loudly(tiny_export, tiny_tokenizer, tmp_path):
     """Checked against other weights of the same shape, the export must fail past the tolerance."""
     folder = shutil.copytree(tiny_export, tmp_path / "copy")

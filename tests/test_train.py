@@ -146,6 +146,51 @@ def test_batch_loss_is_the_objective_on_noise_drawn_from_the_generator(tiny_toke
     assert (other.item() != got.item()) == (objective == "mdm")
 
 
+def test_line_gaps_mask_one_whole_line_and_the_loss_is_its_mean_cross_entropy():
+    """line_gap_prob: a row of the pre-training batch is either left to the usual noise or has exactly one
+    of its lines masked (every token of it, no separator), and that row's loss is the line's mean CE."""
+    import dataclasses
+
+    from conftest import tiny_config
+    from transformers import AutoTokenizer
+
+    from llada_app.data import load_sonnets
+    from llada_app.modeling import LLaDAModelLM
+    from llada_app.train import BatchMaker
+
+    tok = AutoTokenizer.from_pretrained(MODELS / "sonnets-mdm-base")
+    sonnets = load_sonnets()[:6]
+    lines = {line.strip() for s in sonnets for line in s.lines} | {f"Sonnet {s.number}" for s in sonnets}
+    values = dataclasses.asdict(TrainConfig()) | dict(seq_len=64, batch_size=16, random_length_prob=0.0)
+    none = BatchMaker(TrainConfig(**values), tok, sonnets, sonnets)(0)
+    assert none.gaps is None
+    for share in (0.5, 1.0):
+        batch = BatchMaker(TrainConfig(**values | dict(line_gap_prob=share)), tok, sonnets, sonnets)(0)
+        assert (batch.input_ids == none.input_ids).all()  # the same text: the share only picks gaps
+        rows = batch.gaps.any(1)
+        assert rows.all() if share == 1.0 else 0 < rows.sum() < 16
+        for b in rows.nonzero().flatten():
+            where = batch.gaps[b].nonzero().flatten()
+            assert (where == torch.arange(where[0], where[-1] + 1)).all()  # one contiguous run
+            text = tok.decode(batch.input_ids[b, where]).strip()
+            ends_row = where[-1] == batch.input_ids.shape[1] - 1
+            assert text in lines or (ends_row and any(line.startswith(text) for line in lines)), text
+            before, after = batch.input_ids[b, where[0] - 1], batch.input_ids[b, where[-1] + 1] if not ends_row else None
+            assert where[0] == 0 or tok.decode(before) in ("\n", tok.eos_token)
+            assert after is None or tok.decode(after) in ("\n", tok.eos_token)
+
+    torch.manual_seed(0)
+    model = LLaDAModelLM(tiny_config(tok, init_std=0.3)).eval()
+    cfg = TrainConfig(**values | dict(line_gap_prob=1.0))
+    gaps = batch.gaps
+    with torch.no_grad():
+        got = batch_loss(model, batch, cfg, tok.mask_token_id, torch.Generator().manual_seed(1))
+        noisy = torch.where(gaps, tok.mask_token_id, batch.input_ids)
+        ce = F.cross_entropy(model(noisy).logits.float().transpose(1, 2), batch.input_ids, reduction="none")
+    want = ((ce * gaps).sum(1) / gaps.sum(1)).mean()  # every row a gap row: each line's mean CE
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+
+
 def test_arm_loss_scores_a_one_token_answer_in_full():
     """An SFT row whose answer is a single predicted token: its loss is that token's CE, not a fraction."""
     g = torch.Generator().manual_seed(2)
