@@ -11,8 +11,8 @@ An export folder follows the Hugging Face / Optimum layout, so other ONNX toolin
     parity.json              the PyTorch vs ONNX Runtime check (with --check)
 
 Attention stays bidirectional: the graphs write it as plain MatMul/Softmax (`grouped_attention`,
-exported at opset 18, which has no attention operator), and sessions are created with ONNX Runtime's generic graph optimiser
-only (never the LLaMA/GPT-2 presets of `onnxruntime.transformers`, which assume a causal mask). The
+exported at opset 18, which has no attention operator), and sessions are created with ONNX Runtime's
+generic graph optimiser only (never the LLaMA/GPT-2 presets of `onnxruntime.transformers`, which assume a causal mask). The
 one fusion applied at export (`fuse=True`, the default) touches no attention: each RMSNorm, and each
 residual add with the RMSNorm after it, becomes one ONNX Runtime normalisation node
 (SimplifiedLayerNormalization / SkipSimplifiedLayerNormalization), which cuts a sixth of the graph's
@@ -139,8 +139,9 @@ def _head(model: LLaDAModelLM, x):
 def grouped_attention(q, k, v, bias):
     """Softmax attention as the graphs compute it: q [B, nh, T, hd], k, v [B, nkv, S, hd], bias broadcast
     to [B, nh, T, S] -> [B, nh, T, hd]. The query heads that share a K/V head are stacked along the rows
-    of one matmul, so no K/V copy is made (repeat_interleave) and K is transposed once: a third fewer
-    nodes than the exporter's decomposition of scaled_dot_product_attention, same values."""
+    of one matmul, so no K/V copy is made (repeat_interleave) and K is transposed once: a fifth fewer
+    nodes than the exporter's decomposition of scaled_dot_product_attention (the bundled model's cache
+    graph, norms fused: 288 -> 226), same values."""
     B, nh, T, hd = q.shape
     nkv = k.shape[1]
     rows = (nh // nkv) * T
