@@ -41,7 +41,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="ONNX Runtime graph optimisation levels to try (all, extended, basic, disable)")
     p.add_argument("--gen-length", type=int, default=32, help="answer length of the full-generation timing")
     p.add_argument("--prompt-length", type=int, default=48)
-    p.add_argument("--gen-runs", type=int, default=3, help="timed generations per back end")
+    p.add_argument("--gen-runs", type=int, default=10, help="timed generations per back end")
     p.add_argument("--no-generate", action="store_true", help="skip the full-generation timing")
     p.add_argument("--no-fuse", action="store_true", help="export without the normalisation fusions")
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")

@@ -10,13 +10,16 @@ An export folder follows the Hugging Face / Optimum layout, so other ONNX toolin
     onnx_export.json         manifest: source model, weight fingerprint, dtype, opset, graphs
     parity.json              the PyTorch vs ONNX Runtime check (with --check)
 
-Attention stays bidirectional: the graphs write it as plain MatMul/Softmax (`grouped_attention`,
-exported at opset 18, which has no attention operator), and sessions are created with ONNX Runtime's
-generic graph optimiser only (never the LLaMA/GPT-2 presets of `onnxruntime.transformers`, which assume a causal mask). The
-one fusion applied at export (`fuse=True`, the default) touches no attention: each RMSNorm, and each
+The graphs compute the model's forward with fewer, larger operations than modeling.py (`_Block`: one
+matmul for q/k/v and one for gate/up, RoPE as a matmul), same values up to rounding. Attention stays
+bidirectional: the graphs write it as plain MatMul/Softmax (`grouped_attention`, exported at opset 18,
+which has no attention operator), and sessions are created with ONNX Runtime's generic graph optimiser
+only (never the LLaMA/GPT-2 presets of `onnxruntime.transformers`, which assume a causal mask). The one
+fusion applied at export (`fuse=True`, the default) touches no attention: each RMSNorm, and each
 residual add with the RMSNorm after it, becomes one ONNX Runtime normalisation node
-(SimplifiedLayerNormalization / SkipSimplifiedLayerNormalization), which cuts a sixth of the graph's
-nodes; `fuse=False` keeps every node a standard ONNX operator.
+(SimplifiedLayerNormalization / SkipSimplifiedLayerNormalization); `fuse=False` keeps every node a
+standard ONNX operator. The bundled model's cache graph: 350 nodes written as modeling.py runs, 173 as
+exported.
 """
 from __future__ import annotations
 
@@ -68,23 +71,51 @@ TOLERANCES = {"fp32": Tolerance(rel=1e-4, argmax=0.99),
 
 # ---------------------------------------------------------------- graphs
 
-class LogitsGraph(nn.Module):
-    """input_ids [B, T], attention_mask [B, T] -> logits [B, T, V]: the full bidirectional forward."""
+class _Graph(nn.Module):
+    """The model's weights as both graphs use them, and its embedding and head.
+
+    Each block becomes a `_Block`; the embedding, the norms, the attention output and down projections
+    and the head are the model's own modules (shared, not copied)."""
 
     def __init__(self, model: LLaDAModelLM):
         super().__init__()
-        self.model = model
+        self.config = cfg = model.config
+        tr = model.model.transformer
+        self.wte, self.ln_f = tr.wte, tr.ln_f
+        self.head = tr.wte if cfg.weight_tying else tr.ff_out
+        self.blocks = nn.ModuleList(_Block(b) for b in tr.blocks)
+        rope_dtype = torch.promote_types(tr.wte.weight.dtype, torch.float32)  # as modeling.apply_rope
+        self.register_buffer("rotate", _rotate_half_matrix(cfg.head_dim, rope_dtype), persistent=False)
+
+    def embed(self, input_ids, positions, keys, attention_mask):
+        """-> embeddings [B, T, d], RoPE cos/sin [T, hd] at the queries' positions [T], and the additive
+        attention bias [B, 1, 1 or T, S] over keys [S] (padding, and the future for a causal model)."""
+        x = self.wte(input_ids)  # [B, T, d]
+        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, self.rotate.dtype)
+        allowed = attention_mask.bool()[:, None, None, :]  # [B, 1, 1, S]
+        if self.config.causal:
+            allowed = allowed & (keys[None, :] <= positions[:, None])  # [B, 1, T, S]
+        bias = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill(
+            ~allowed, torch.finfo(x.dtype).min)
+        return x, cos, sin, bias
+
+    def logits(self, x):
+        return F.linear(self.ln_f(x), self.head.weight)
+
+
+class LogitsGraph(_Graph):
+    """input_ids [B, T], attention_mask [B, T] -> logits [B, T, V]: the full bidirectional forward."""
 
     def forward(self, input_ids, attention_mask):
         keys = torch.arange(input_ids.shape[1], device=input_ids.device)  # [T]: queries and keys alike
-        x, cos, sin, bias = _embed(self.model, input_ids, keys, keys, attention_mask)
-        for block in self.model.model.transformer.blocks:
-            q, k, v = block.qkv(x, cos, sin)
-            x = block.out_and_mlp(x, grouped_attention(q, k, v, bias))
-        return _head(self.model, x)
+        x, cos, sin, bias = self.embed(input_ids, keys, keys, attention_mask)
+        for block in self.blocks:
+            q, k, v = block.qkv(x, cos, sin, self.rotate)
+            x = block.out_and_mlp(x, grouped_attention(q, k, v, bias, scale=1.0))
+        return self.logits(x)
 
 
-class CacheGraph(nn.Module):
+class CacheGraph(_Graph):
     """The forward pass with K/V caches, with `start` as a tensor so one graph serves every block.
 
     Inputs: input_ids [B, T] (positions start .. start+T-1), attention_mask [B, S] over keys,
@@ -97,55 +128,79 @@ class CacheGraph(nn.Module):
     overwrite is a gather + where on positions, which keeps every shape symbolic.
     """
 
-    def __init__(self, model: LLaDAModelLM):
-        super().__init__()
-        self.model = model
-
     def forward(self, input_ids, attention_mask, start, *past):
         T = input_ids.shape[1]
         positions = start + torch.arange(T, device=input_ids.device)  # [T] absolute query positions
         keys = torch.arange(attention_mask.shape[1], device=input_ids.device)  # [S]
-        x, cos, sin, bias = _embed(self.model, input_ids, positions, keys, attention_mask)
+        x, cos, sin, bias = self.embed(input_ids, positions, keys, attention_mask)
         fresh = ((keys >= start) & (keys < start + T))[None, None, :, None]  # [1, 1, S, 1]
         take = (keys - start).clamp(0, T - 1)  # [S] which new K/V row lands in each key slot
         presents = []
-        for i, block in enumerate(self.model.model.transformer.blocks):
-            q, k, v = block.qkv(x, cos, sin)
+        for i, block in enumerate(self.blocks):
+            q, k, v = block.qkv(x, cos, sin, self.rotate)
             k = torch.where(fresh, k.index_select(2, take), past[2 * i])  # [B, nkv, S, hd]
             v = torch.where(fresh, v.index_select(2, take), past[2 * i + 1])
-            x = block.out_and_mlp(x, grouped_attention(q, k, v, bias))
+            x = block.out_and_mlp(x, grouped_attention(q, k, v, bias, scale=1.0))
             presents += [k, v]
-        return (_head(self.model, x), *presents)
+        return (self.logits(x), *presents)
 
 
-def _embed(model: LLaDAModelLM, input_ids, positions, keys, attention_mask):
-    """-> embeddings [B, T, d], RoPE cos/sin [T, hd] at the queries' positions [T], and the additive
-    attention bias [B, 1, 1 or T, S] over keys [S] (padding, and the future for a causal model)."""
-    cfg = model.config
-    x = model.model.transformer.wte(input_ids)  # [B, T, d]
-    cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, torch.promote_types(x.dtype, torch.float32))
-    allowed = attention_mask.bool()[:, None, None, :]  # [B, 1, 1, S]
-    if cfg.causal:
-        allowed = allowed & (keys[None, :] <= positions[:, None])  # [B, 1, T, S]
-    bias = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill(~allowed, torch.finfo(x.dtype).min)
-    return x, cos, sin, bias
+class _Block(nn.Module):
+    """One LLaDA block as the graphs compute it, with fewer and larger matmuls than modeling.py's:
+    q, k and v come from one matmul (the attention scale 1/sqrt(hd) folded into q's rows), RoPE is
+    x * cos + (x @ R) * sin with R the rotate_half permutation as a [hd, hd] matrix of 0 and +-1 (exact),
+    applied to q and k together, and gate and up come from one matmul. Same values as the model's block
+    up to rounding; the merged matrices are copies made for the export."""
+
+    def __init__(self, block):
+        super().__init__()
+        self.attn_norm, self.attn_out, self.ff_norm, self.ff_out = (
+            block.attn_norm, block.attn_out, block.ff_norm, block.ff_out)
+        self.nh, self.nkv, self.hd = block.n_heads, block.n_kv_heads, block.head_dim
+        q = block.q_proj.weight
+        merged = torch.cat([(q.float() * self.hd ** -0.5).to(q.dtype), block.k_proj.weight, block.v_proj.weight])
+        self.qkv_weight = nn.Parameter(merged.detach(), requires_grad=False)  # [(nh + 2 nkv) hd, d]
+        self.gate_up_weight = nn.Parameter(torch.cat([block.ff_proj.weight, block.up_proj.weight]).detach(),
+                                           requires_grad=False)  # [2 hidden, d]
+
+    def qkv(self, x, cos, sin, rotate):
+        """x [B, T, d] -> q (scaled) [B, nh, T, hd] and k, v [B, nkv, T, hd], q and k rotated."""
+        B, T, _ = x.shape
+        y = F.linear(self.attn_norm(x), self.qkv_weight).view(B, T, -1, self.hd).transpose(1, 2)
+        qk, v = y.split([self.nh + self.nkv, self.nkv], dim=1)  # [B, nh + nkv, T, hd], [B, nkv, T, hd]
+        r = qk.to(cos.dtype)
+        q, k = (r * cos + (r @ rotate) * sin).to(x.dtype).split([self.nh, self.nkv], dim=1)
+        return q, k, v
+
+    def out_and_mlp(self, x, a):
+        """x [B, T, d], the attention's output a [B, nh, T, hd] -> the block's output [B, T, d]."""
+        B, T, _ = x.shape
+        x = x + self.attn_out(a.transpose(1, 2).reshape(B, T, -1))
+        gate, up = F.linear(self.ff_norm(x), self.gate_up_weight).chunk(2, dim=-1)
+        return x + self.ff_out(F.silu(gate) * up)
 
 
-def _head(model: LLaDAModelLM, x):
-    tr = model.model.transformer
-    return F.linear(tr.ln_f(x), tr.wte.weight if model.config.weight_tying else tr.ff_out.weight)
+def _rotate_half_matrix(head_dim: int, dtype: torch.dtype) -> torch.Tensor:
+    """R [hd, hd] with x @ R == cat([-x2, x1]) for x = cat([x1, x2]) (modeling.apply_rope's rotation)."""
+    h = head_dim // 2
+    r = torch.zeros(head_dim, head_dim, dtype=dtype)
+    r[torch.arange(h) + h, torch.arange(h)] = -1.0  # out[:h] = -x[h:]
+    r[torch.arange(h), torch.arange(h) + h] = 1.0  # out[h:] = x[:h]
+    return r
 
 
-def grouped_attention(q, k, v, bias):
+def grouped_attention(q, k, v, bias, scale: float | None = None):
     """Softmax attention as the graphs compute it: q [B, nh, T, hd], k, v [B, nkv, S, hd], bias broadcast
-    to [B, nh, T, S] -> [B, nh, T, hd]. The query heads that share a K/V head are stacked along the rows
-    of one matmul, so no K/V copy is made (repeat_interleave) and K is transposed once: a fifth fewer
-    nodes than the exporter's decomposition of scaled_dot_product_attention (the bundled model's cache
-    graph, norms fused: 288 -> 226), same values."""
+    to [B, nh, T, S] -> [B, nh, T, hd]; `scale` defaults to 1/sqrt(hd) (1.0: q comes scaled). The query
+    heads that share a K/V head are stacked along the rows of one matmul, so no K/V copy is made
+    (repeat_interleave) and K is transposed once, same values."""
     B, nh, T, hd = q.shape
     nkv = k.shape[1]
     rows = (nh // nkv) * T
-    scores = (q * hd ** -0.5).reshape(B, nkv, rows, hd) @ k.transpose(2, 3)  # [B, nkv, rows, S]
+    scale = hd ** -0.5 if scale is None else scale
+    if scale != 1.0:
+        q = q * scale
+    scores = q.reshape(B, nkv, rows, hd) @ k.transpose(2, 3)  # [B, nkv, rows, S]
     weights = torch.softmax(scores.reshape(B, nh, T, -1) + bias, dim=-1)
     return (weights.reshape(B, nkv, rows, -1) @ v).reshape(B, nh, T, hd)
 

@@ -147,6 +147,7 @@ class OnnxDenoiser:
         self.supports_cache = self.past_session is not None
         self._check_graph(expect_config)
         self.max_length = self.config["max_sequence_length"]
+        self._ones: torch.Tensor | None = None  # _all_keys
         self.causal = bool(self.config.get("causal", False))  # the ARM twin exports with causal=True
         self._n_layers, self._n_kv, self._head_dim = (
             self.config["n_layers"], self.config.get("n_kv_heads") or self.config["n_heads"],
@@ -182,7 +183,7 @@ class OnnxDenoiser:
         if S > self.max_length:
             raise ValueError(f"sequence of {S} tokens exceeds max_sequence_length {self.max_length}")
         if attention_mask is None:
-            attention_mask = torch.ones(B, S, dtype=torch.long, device=input_ids.device)
+            attention_mask = self._all_keys(B, S, input_ids.device)
         elif attention_mask.shape != (B, S):
             raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, S)}")
         feeds = {"input_ids": input_ids.long(), "attention_mask": attention_mask.long()}
@@ -217,11 +218,20 @@ class OnnxDenoiser:
             logits = logits[:, logits_slice]
         return DenoiserOutput(logits, presents)
 
+    def _all_keys(self, B: int, S: int, device) -> torch.Tensor:
+        """A mask of ones [B, S], reused while the shape holds (a dual-cache answer asks for the same one
+        at every step); it is only ever read, by the graph."""
+        ones = self._ones
+        if ones is None or ones.shape != (B, S) or ones.device != torch.device(device):
+            self._ones = ones = torch.ones(B, S, dtype=torch.long, device=device)
+        return ones
+
     def _full_length_past(self, past: torch.Tensor | None, shape, device) -> torch.Tensor:
         """The cache padded with zero slots to S keys (the graph overwrites the query slots)."""
         if past is None:
             return torch.zeros(shape, dtype=self.dtype, device=device)
-        past = past.to(self.dtype)
+        if past.dtype != self.dtype:
+            past = past.to(self.dtype)
         missing = shape[2] - past.shape[2]
         if missing:
             pad = torch.zeros(*shape[:2], missing, shape[3], dtype=self.dtype, device=past.device)
@@ -233,7 +243,7 @@ class OnnxDenoiser:
         import numpy as np
 
         if self.device.type == "cpu":
-            arrays = {k: v.detach().cpu().contiguous().numpy() for k, v in feeds.items()}
+            arrays = {k: _as_numpy(v) for k, v in feeds.items()}
             arrays.update({k: np.asarray(v, dtype=np.int64) for k, v in cpu_feeds.items()})
             return [torch.from_numpy(a) for a in session.run(list(outputs), arrays)]
         # CUDA: bind torch's GPU buffers in place; outputs are allocated by torch (its caching
@@ -256,6 +266,13 @@ class OnnxDenoiser:
         torch.cuda.current_stream(self.device).synchronize()
         session.run_with_iobinding(binding)
         return results
+
+
+def _as_numpy(t: torch.Tensor):
+    """A CPU tensor's memory as a numpy array (no copy when it is contiguous, as the cache always is)."""
+    if t.device.type == "cpu" and t.is_contiguous() and not t.requires_grad:
+        return t.numpy()
+    return t.detach().cpu().contiguous().numpy()
 
 
 def _numpy_dtype(dtype: torch.dtype):
@@ -326,6 +343,6 @@ def _graph_hidden_size(path: Path) -> int | None:
     except Exception as e:
         raise OnnxBackendError(f"{path} is corrupt: {e}") from None
     for init in graph.initializer:
-        if init.name.endswith("transformer.wte.weight") and len(init.dims) == 2:
+        if init.name.endswith("wte.weight") and len(init.dims) == 2:  # the embedding table
             return int(init.dims[1])
     return None

@@ -209,9 +209,9 @@ def _propose(logits: torch.Tensor, config: GenerationConfig, gen: torch.Generato
     if config.temperature > 0:
         # The reference's Gumbel-max trick, in float64: exp(l) / (-log U)^T.
         noise = torch.rand(logits.shape, generator=gen, dtype=torch.float64, device=logits.device)
-        x0 = (proposal_logits.double().exp() / (-torch.log(noise)) ** config.temperature).argmax(-1)
+        x0 = _argmax(proposal_logits.double().exp() / (-torch.log(noise)) ** config.temperature)
     else:
-        x0 = proposal_logits.argmax(-1)
+        x0 = _argmax(proposal_logits)
     if config.remasking == "low_confidence":
         conf = torch.softmax(logits, dim=-1).gather(-1, x0[..., None]).squeeze(-1)  # [B, T]
     else:
@@ -222,6 +222,15 @@ def _propose(logits: torch.Tensor, config: GenerationConfig, gen: torch.Generato
             stop |= x0 == eot_id
         conf = conf.masked_fill(stop, 0.0)
     return x0, conf
+
+
+def _argmax(t: torch.Tensor) -> torch.Tensor:
+    """t.argmax(-1), the same indices (the first of equal maxima). On a CPU through NumPy: torch's argmax
+    over a vocabulary took 79 us for [1, 32, 1024] here, NumPy's 5 us (the largest op of a step outside
+    the denoiser)."""
+    if t.device.type == "cpu":
+        return torch.from_numpy(t.detach().numpy().argmax(-1))
+    return t.argmax(-1)
 
 
 def _count_to_reveal(conf: torch.Tensor, candidates: torch.Tensor, config: GenerationConfig,
@@ -374,7 +383,7 @@ def _sample(denoiser, x, P, attn, config, mask_id, eos_id, eot_id) -> Iterator[S
             x0, conf = _propose(logits, config, gen, mask_only, suppressed, eos_id, eot_id)  # [B - r0, Lb] each
             blk = x[r0:, bs:be]  # a view: writing to it updates x
             candidates = blk == mask_id
-            conf = conf.masked_fill(~candidates, -torch.inf)
+            conf = torch.where(candidates, conf, -torch.inf)
             k = _count_to_reveal(conf, candidates, config, None if schedule is None else schedule[r0:, i])
             reveal = _top_k_mask(conf, k)  # [B - r0, Lb] bool, only MASK slots: fixed slots are never candidates
             blk.copy_(torch.where(reveal, x0, blk))

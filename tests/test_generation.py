@@ -105,6 +105,19 @@ def reference_generate(model, prompt, attention_mask, *, steps, gen_length, bloc
 
 # -- reference semantics ----------------------------------------------------------------------------
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_argmax_is_torch_argmax_with_ties_to_the_first(dtype):
+    from llada_app.generation import _argmax
+
+    g = torch.Generator().manual_seed(0)
+    t = torch.randint(-3, 4, (3, 7, 50), generator=g).to(dtype)  # small integers: many equal maxima
+    t[0, 0] = -torch.inf
+    t[1, 2, 10:] = torch.inf
+    got = _argmax(t)
+    assert got.dtype == torch.long and torch.equal(got, t.argmax(-1))
+    assert got[1, 2] == 10
+
+
 def test_block_schedule_spreads_the_remainder_over_the_first_steps():
     assert block_schedule(10, 4) == [3, 3, 2, 2]
     assert block_schedule(8, 8) == [1] * 8

@@ -1,5 +1,6 @@
 """ONNX export and the ONNX Runtime back end (CPU EP): parity with PyTorch, the sampler on both back
 ends, and the clear errors for exports that do not belong to the model."""
+import copy
 import json
 import os
 import shutil
@@ -206,6 +207,41 @@ def test_grouped_attention_is_scaled_dot_product_attention(nh, nkv, T, S, causal
     want = F.scaled_dot_product_attention(q, k.repeat_interleave(nh // nkv, 1), v.repeat_interleave(nh // nkv, 1),
                                           attn_mask=bias)
     torch.testing.assert_close(grouped_attention(q, k, v, bias), want, rtol=1e-5, atol=1e-6)
+
+
+def test_graph_block_is_the_model_block(tiny_model):
+    """The graphs' block (q/k/v and gate/up merged, the attention scale in q's rows, RoPE's rotation as a
+    matrix) gives the model block's q (scaled), k, v and output; the rotation matrix is rotate_half exactly."""
+    from export.onnx_export import _Block, _rotate_half_matrix
+    from llada_app.modeling import rope_cos_sin
+
+    model = copy.deepcopy(tiny_model).double()
+    cfg = model.config
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, cfg.d_model, generator=g, dtype=torch.float64)
+    r = torch.randn(3, cfg.head_dim, generator=g)
+    h = cfg.head_dim // 2
+    assert torch.equal(r @ _rotate_half_matrix(cfg.head_dim, torch.float32), torch.cat([-r[:, h:], r[:, :h]], -1))
+    cos, sin = rope_cos_sin(torch.arange(3, 8), cfg.head_dim, cfg.rope_theta, torch.float64)
+    rotate = _rotate_half_matrix(cfg.head_dim, torch.float64)
+    for block in model.model.transformer.blocks:
+        merged = _Block(block)
+        q, k, v = merged.qkv(x, cos, sin, rotate)
+        wq, wk, wv = block.qkv(x, cos, sin)
+        for got, want in ((q, wq * cfg.head_dim ** -0.5), (k, wk), (v, wv)):
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        a = torch.randn(2, cfg.n_heads, 5, cfg.head_dim, generator=g, dtype=torch.float64)
+        torch.testing.assert_close(merged.out_and_mlp(x, a), block.out_and_mlp(x, a), rtol=1e-12, atol=1e-12)
+
+
+def test_graphs_have_one_matmul_per_projection_group(tiny_export, tiny_model):
+    """Per layer: q/k/v, the rotation, scores, weighted values, output, gate/up, down; then the head."""
+    import onnx
+
+    n = tiny_model.config.n_layers
+    for file in ("model.onnx", "model_with_past.onnx"):
+        graph = onnx.load(str(tiny_export / file)).graph
+        assert sum(node.op_type == "MatMul" for node in graph.node) == 7 * n + 1, file
 
 
 def test_parity_check_fails_loudly(tiny_export, tiny_tokenizer, tmp_path):
