@@ -554,8 +554,9 @@ def evaluation_table(results: list[poems.EvalResult], source: str):
 
 
 def evaluation_chart(results: list[poems.EvalResult]):
-    """Grouped bars: protocol × direction on the x axis, one bar per model; the paper's figures as
-    hatched grey bars in the chat groups. Labels sit above their bars; the legend sits below the axes."""
+    """Grouped bars: protocol × direction on the x axis, one bar per model (blues for masked diffusion,
+    oranges for autoregressive, a shade per model); the paper's figures as hatched grey bars in the chat
+    groups. Labels sit above their bars; the legend sits below the axes."""
     from matplotlib.figure import Figure  # no pyplot: no global figure registry to leak into
 
     groups = [(p, d) for p in poems.PROTOCOLS for d in poems.DIRECTIONS]
@@ -566,15 +567,19 @@ def evaluation_chart(results: list[poems.EvalResult]):
     width = 0.8 / max(n, 1)
     fig = Figure(figsize=(7.5, 3.8))
     ax = fig.subplots()
-    colours = {"MDM": "#2563eb", "ARM": "#f97316"}
+    shades = {"MDM": ["#2563eb", "#93c5fd", "#1e3a8a"], "ARM": ["#f97316", "#fdba74", "#9a3412"]}  # per model of a kind
+    seen: dict[str, int] = {}
     for k, (name, kind) in enumerate(models):
+        palette = shades.get(kind, ["#6b7280"])
+        colour = palette[seen.get(kind, 0) % len(palette)]
+        seen[kind] = seen.get(kind, 0) + 1
         xs, ys = [], []
         for g, (protocol, direction) in enumerate(groups):
             r = next((r for m, p, r in series if m == name and p == protocol), None)
             if r is not None:
                 xs.append(g + k * width)
                 ys.append(100 * (r.forward if direction == "next" else r.reversal))
-        bars = ax.bar(xs, ys, width=width, label=name, color=colours.get(kind))
+        bars = ax.bar(xs, ys, width=width, label=name, color=colour)
         ax.bar_label(bars, fmt="%.0f", padding=2, fontsize=8)
     for q, (name, fwd, rev) in enumerate(quoted):
         k = len(models) + q

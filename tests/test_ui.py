@@ -379,6 +379,21 @@ def test_poem_outside_the_corpus_and_empty_line(server):
         client.predict("rose " * 400, "next", "completion", api_name="/poem")
 
 
+def test_evaluation_chart_tells_the_models_apart():
+    """The base and chat MDMs (and the twin) each get their own colour in the bars and the legend."""
+    from llada_app.ui import evaluation_chart
+
+    results = [poems.EvalResult(m, kind, protocol, "heldout", 0.5, 0.25, 4)
+               for m, kind, protocol in (("base", "MDM", "completion"), ("chat", "MDM", "chat"),
+                                         ("twin", "ARM", "completion"), ("twin", "ARM", "chat"))]
+    ax = evaluation_chart(results).axes[0]
+    legend = {t.get_text(): h.get_facecolor() for t, h in zip(ax.get_legend().get_texts(), ax.get_legend().legend_handles)}
+    measured = [legend[f"{m} [{k}]"] for m, k in (("base", "MDM"), ("chat", "MDM"), ("twin", "ARM"))]
+    assert len(legend) == 4 and len(set(measured)) == 3
+    twin_bars = [p for p in ax.patches if p.get_facecolor() == legend["twin [ARM]"]]
+    assert len(twin_bars) == 4  # one model, both protocols x both directions
+
+
 def test_evaluation_table_and_chart(server, studio):
     """Both protocols × both models, measured through the page, then the quoted paper rows. Each figure
     is the share of its answers that match the corpus line, and an answer is what the poem tab gives."""
