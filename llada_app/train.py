@@ -91,6 +91,7 @@ class TrainConfig:
     seed: int = 0
     # run
     threads: int = 0  # torch CPU threads (0: torch's default)
+    compile: bool = False  # torch.compile the model for the training steps (first step slower: compiling)
     log_every: int = 10
     save_every: int = 200  # checkpoint period in steps (0: only at the end)
     eval_every: int = 0  # held-out poem eval period in steps (0: off)
@@ -311,8 +312,8 @@ class TrainingError(RuntimeError):
 
 
 # Settings that leave the weights alone: a resumed run may change them freely.
-RUN_ONLY = {"preset", "threads", "log_every", "progress", "save_every", "keep_checkpoints", "final_eval",
-            "eval_every", "eval_limit"}
+RUN_ONLY = {"preset", "threads", "compile", "log_every", "progress", "save_every", "keep_checkpoints",
+            "final_eval", "eval_every", "eval_limit"}
 KEEP_CHECKPOINTS = 2  # the newest and one before it, in case the newest turns out unreadable
 
 
@@ -556,6 +557,9 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, accep
     window_loss: dict[str, torch.Tensor] = {}  # batch kind -> summed loss since the last log
     window_count: dict[str, int] = {}
     model.train()
+    # Compiled for the steps only; evaluation and saving use the model itself. One thread, the base preset's
+    # batch: a step measured 1.36-1.48x faster compiled than eager on this project's 2-core CPU.
+    step_model = torch.compile(model) if cfg.compile else model
     while step < cfg.total_steps:
         batch = batches(step, rank)
         gen = torch.Generator().manual_seed(int(batches.rng(step, rank).integers(2**62)) ^ 0x5EED)
@@ -563,7 +567,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, accep
                         for x in dataclasses.astuple(batch)))
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
-        loss = batch_loss(model, batch, cfg, mask_id, gen)
+        loss = batch_loss(step_model, batch, cfg, mask_id, gen)
         accelerator.backward(loss)
         if cfg.grad_clip:
             accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)

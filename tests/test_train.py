@@ -309,6 +309,28 @@ def test_micro_pretraining_lowers_the_loss_and_writes_outputs(tmp_path, objectiv
     assert after < 0.85 * before, (before, after)
 
 
+def test_compiled_steps_train_as_the_eager_ones(tmp_path):
+    """--compile runs the training steps through torch.compile: the same losses step by step (up to the
+    compiled kernels' rounding), and it is a run-only setting (a resume may switch it)."""
+    from llada_app.train import RUN_ONLY
+
+    losses = {}
+    for compiled in (False, True):
+        cfg, _ = parse_args(["--preset", "micro", "--output-dir", str(tmp_path / str(compiled)), "--no-progress",
+                             "--stage", "pretrain", "--pretrain-steps", "10", "--random-length-prob", "0",
+                             "--log-every", "1", "--save-every", "0"] + (["--compile"] if compiled else []))
+        assert cfg.compile is compiled
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        out = train(cfg)
+        assert (torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0) is compiled  # the steps ran compiled
+        losses[compiled] = [h["loss"] for h in json.loads((out / "metrics.json").read_text())["train"]]
+    assert len(losses[True]) == 10
+    assert losses[True] == pytest.approx(losses[False], rel=1e-3)
+    assert losses[True][-1] < losses[True][0]
+    assert "compile" in RUN_ONLY
+
+
 def test_second_run_starts_from_the_first_and_keeps_its_curves(tmp_path):
     """The bundled MDM's two runs: `--init-from` starts from the saved weights and tokenizer, and the
     first run's metrics.json / loss.png travel with the model as base_*."""
