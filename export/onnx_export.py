@@ -111,7 +111,7 @@ class LogitsGraph(_Graph):
         x, cos, sin, bias = self.embed(input_ids, keys, keys, attention_mask)
         for block in self.blocks:
             q, k, v = block.qkv(x, cos, sin, self.rotate)
-            x = block.out_and_mlp(x, grouped_attention(q, k, v, bias, scale=1.0))
+            x = block.out_and_mlp(x, grouped_attention(q, k, v, bias))
         return self.logits(x)
 
 
@@ -140,7 +140,7 @@ class CacheGraph(_Graph):
             q, k, v = block.qkv(x, cos, sin, self.rotate)
             k = torch.where(fresh, k.index_select(2, take), past[2 * i])  # [B, nkv, S, hd]
             v = torch.where(fresh, v.index_select(2, take), past[2 * i + 1])
-            x = block.out_and_mlp(x, grouped_attention(q, k, v, bias, scale=1.0))
+            x = block.out_and_mlp(x, grouped_attention(q, k, v, bias))
             presents += [k, v]
         return (self.logits(x), *presents)
 
@@ -189,17 +189,14 @@ def _rotate_half_matrix(head_dim: int, dtype: torch.dtype) -> torch.Tensor:
     return r
 
 
-def grouped_attention(q, k, v, bias, scale: float | None = None):
-    """Softmax attention as the graphs compute it: q [B, nh, T, hd], k, v [B, nkv, S, hd], bias broadcast
-    to [B, nh, T, S] -> [B, nh, T, hd]; `scale` defaults to 1/sqrt(hd) (1.0: q comes scaled). The query
-    heads that share a K/V head are stacked along the rows of one matmul, so no K/V copy is made
-    (repeat_interleave) and K is transposed once, same values."""
+def grouped_attention(q, k, v, bias):
+    """Softmax attention as the graphs compute it: q [B, nh, T, hd] already scaled by 1/sqrt(hd) (`_Block`
+    folds the scale into its weights), k, v [B, nkv, S, hd], bias broadcast to [B, nh, T, S] -> [B, nh, T, hd].
+    The query heads that share a K/V head are stacked along the rows of one matmul, so no K/V copy is
+    made (repeat_interleave) and K is transposed once, same values."""
     B, nh, T, hd = q.shape
     nkv = k.shape[1]
     rows = (nh // nkv) * T
-    scale = hd ** -0.5 if scale is None else scale
-    if scale != 1.0:
-        q = q * scale
     scores = q.reshape(B, nkv, rows, hd) @ k.transpose(2, 3)  # [B, nkv, rows, S]
     weights = torch.softmax(scores.reshape(B, nh, T, -1) + bias, dim=-1)
     return (weights.reshape(B, nkv, rows, -1) @ v).reshape(B, nh, T, hd)

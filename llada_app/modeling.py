@@ -175,14 +175,11 @@ class LLaDABlock(nn.Module):
 
     def attend_and_mlp(self, x, q, k, v, attn_bias, is_causal: bool = False) -> torch.Tensor:
         """The rest of the block, given the keys/values to attend to (k, v [B, nkv, S, hd])."""
+        B, T, _ = x.shape
         if self.n_kv_heads != self.n_heads:  # GQA: share each K/V head among n_heads/n_kv_heads queries
             rep = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        return self.out_and_mlp(x, F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, is_causal=is_causal))
-
-    def out_and_mlp(self, x, a) -> torch.Tensor:
-        """x [B, T, d], the attention's output a [B, nh, T, hd] -> the block's output [B, T, d]."""
-        B, T, _ = x.shape
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, is_causal=is_causal)
         x = x + self.attn_out(a.transpose(1, 2).reshape(B, T, -1))
         m = self.ff_norm(x)
         return x + self.ff_out(F.silu(self.ff_proj(m)) * self.up_proj(m))

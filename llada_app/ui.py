@@ -568,11 +568,9 @@ def evaluation_chart(results: list[poems.EvalResult]):
     fig = Figure(figsize=(7.5, 3.8))
     ax = fig.subplots()
     shades = {"MDM": ["#2563eb", "#93c5fd", "#1e3a8a"], "ARM": ["#f97316", "#fdba74", "#9a3412"]}  # per model of a kind
-    seen: dict[str, int] = {}
     for k, (name, kind) in enumerate(models):
         palette = shades.get(kind, ["#6b7280"])
-        colour = palette[seen.get(kind, 0) % len(palette)]
-        seen[kind] = seen.get(kind, 0) + 1
+        colour = palette[[kd for _, kd in models[:k]].count(kind) % len(palette)]  # the kind's n-th model
         xs, ys = [], []
         for g, (protocol, direction) in enumerate(groups):
             r = next((r for m, p, r in series if m == name and p == protocol), None)

@@ -206,13 +206,14 @@ def test_grouped_attention_is_scaled_dot_product_attention(nh, nkv, T, S, causal
     bias = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
     want = F.scaled_dot_product_attention(q, k.repeat_interleave(nh // nkv, 1), v.repeat_interleave(nh // nkv, 1),
                                           attn_mask=bias)
-    torch.testing.assert_close(grouped_attention(q, k, v, bias), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grouped_attention(q * q.shape[-1] ** -0.5, k, v, bias), want, rtol=1e-5, atol=1e-6)
 
 
 def test_graph_block_is_the_model_block(tiny_model):
     """The graphs' block (q/k/v and gate/up merged, the attention scale in q's rows, RoPE's rotation as a
-    matrix) gives the model block's q (scaled), k, v and output; the rotation matrix is rotate_half exactly."""
-    from export.onnx_export import _Block, _rotate_half_matrix
+    matrix) with the graphs' attention gives the model block's q (scaled), k, v and output; the rotation
+    matrix is rotate_half exactly."""
+    from export.onnx_export import _Block, _rotate_half_matrix, grouped_attention
     from llada_app.modeling import rope_cos_sin
 
     model = copy.deepcopy(tiny_model).double()
@@ -222,7 +223,9 @@ def test_graph_block_is_the_model_block(tiny_model):
     r = torch.randn(3, cfg.head_dim, generator=g)
     h = cfg.head_dim // 2
     assert torch.equal(r @ _rotate_half_matrix(cfg.head_dim, torch.float32), torch.cat([-r[:, h:], r[:, :h]], -1))
-    cos, sin = rope_cos_sin(torch.arange(3, 8), cfg.head_dim, cfg.rope_theta, torch.float64)
+    positions = torch.arange(3, 8)
+    cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, torch.float64)
+    no_bias = torch.zeros(1, 1, 1, 5, dtype=torch.float64)
     rotate = _rotate_half_matrix(cfg.head_dim, torch.float64)
     for block in model.model.transformer.blocks:
         merged = _Block(block)
@@ -230,8 +233,9 @@ def test_graph_block_is_the_model_block(tiny_model):
         wq, wk, wv = block.qkv(x, cos, sin)
         for got, want in ((q, wq * cfg.head_dim ** -0.5), (k, wk), (v, wv)):
             torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-        a = torch.randn(2, cfg.n_heads, 5, cfg.head_dim, generator=g, dtype=torch.float64)
-        torch.testing.assert_close(merged.out_and_mlp(x, a), block.out_and_mlp(x, a), rtol=1e-12, atol=1e-12)
+        want_out, _ = block(x, cos, sin, None, None, 3, positions, False)
+        got_out = merged.out_and_mlp(x, grouped_attention(q, k, v, no_bias))
+        torch.testing.assert_close(got_out, want_out, rtol=1e-12, atol=1e-12)
 
 
 def test_graphs_have_one_matmul_per_projection_group(tiny_export, tiny_model):
