@@ -18,7 +18,7 @@ only (never the LLaMA/GPT-2 presets of `onnxruntime.transformers`, which assume 
 fusion applied at export (`fuse=True`, the default) touches no attention: each RMSNorm, and each
 residual add with the RMSNorm after it, becomes one ONNX Runtime normalisation node
 (SimplifiedLayerNormalization / SkipSimplifiedLayerNormalization); `fuse=False` keeps every node a
-standard ONNX operator. The bundled model's cache graph: 350 nodes written as modeling.py runs, 173 as
+standard ONNX operator. The bundled model's cache graph: 350 nodes written as modeling.py runs, 163 as
 exported.
 """
 from __future__ import annotations
@@ -89,12 +89,15 @@ class _Graph(nn.Module):
 
     def embed(self, input_ids, positions, keys, attention_mask):
         """-> embeddings [B, T, d], RoPE cos/sin [T, hd] at the queries' positions [T], and the additive
-        attention bias [B, 1, 1 or T, S] over keys [S] (padding, and the future for a causal model)."""
+        attention bias over keys [S] (padding, and the future for a causal model) in the row layout of
+        `grouped_attention`: [B, 1, 1, S], or [B, 1, g T, S] for a causal model (g query heads per K/V head)."""
+        cfg = self.config
         x = self.wte(input_ids)  # [B, T, d]
-        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, self.rotate.dtype)
+        cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, self.rotate.dtype)
         allowed = attention_mask.bool()[:, None, None, :]  # [B, 1, 1, S]
-        if self.config.causal:
+        if cfg.causal:
             allowed = allowed & (keys[None, :] <= positions[:, None])  # [B, 1, T, S]
+            allowed = allowed.repeat(1, 1, cfg.n_heads // cfg.n_kv_heads, 1)  # [B, 1, g T, S]
         bias = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill(
             ~allowed, torch.finfo(x.dtype).min)
         return x, cos, sin, bias
@@ -191,15 +194,15 @@ def _rotate_half_matrix(head_dim: int, dtype: torch.dtype) -> torch.Tensor:
 
 def grouped_attention(q, k, v, bias):
     """Softmax attention as the graphs compute it: q [B, nh, T, hd] already scaled by 1/sqrt(hd) (`_Block`
-    folds the scale into its weights), k, v [B, nkv, S, hd], bias broadcast to [B, nh, T, S] -> [B, nh, T, hd].
-    The query heads that share a K/V head are stacked along the rows of one matmul, so no K/V copy is
-    made (repeat_interleave) and K is transposed once, same values."""
+    folds the scale into its weights), k, v [B, nkv, S, hd] -> [B, nh, T, hd]. The g = nh / nkv query heads
+    that share a K/V head are stacked along the rows of one matmul (row j * T + t: head j of the group,
+    query t), so no K/V copy is made (repeat_interleave) and K is transposed once, same values. bias
+    broadcasts to those rows, [B, nkv, g T, S]: [B, 1, 1, S] (padding only) or [B, 1, g T, S]."""
     B, nh, T, hd = q.shape
     nkv = k.shape[1]
     rows = (nh // nkv) * T
-    scores = q.reshape(B, nkv, rows, hd) @ k.transpose(2, 3)  # [B, nkv, rows, S]
-    weights = torch.softmax(scores.reshape(B, nh, T, -1) + bias, dim=-1)
-    return (weights.reshape(B, nkv, rows, -1) @ v).reshape(B, nh, T, hd)
+    weights = torch.softmax(q.reshape(B, nkv, rows, hd) @ k.transpose(2, 3) + bias, dim=-1)  # [B, nkv, rows, S]
+    return (weights @ v).reshape(B, nh, T, hd)
 
 
 def past_names(n_layers: int) -> tuple[list[str], list[str]]:

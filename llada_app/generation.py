@@ -236,11 +236,9 @@ def _argmax(t: torch.Tensor) -> torch.Tensor:
 def _count_to_reveal(conf: torch.Tensor, candidates: torch.Tensor, config: GenerationConfig,
                      k_fixed: torch.Tensor | None) -> torch.Tensor:
     """How many positions each row reveals this step -> [B] long (no host sync); k_fixed [B]: the
-    fixed schedule's count (None with threshold/factor decoding)."""
+    fixed schedule's count (None with factor decoding)."""
     n_cand = candidates.sum(1)
-    if config.threshold is not None:
-        k = ((conf >= config.threshold) & candidates).sum(1)
-    elif config.factor is not None:
+    if config.factor is not None:
         ranked = conf.sort(dim=1, descending=True).values  # -inf (non-candidates) sort last
         n = torch.arange(1, conf.shape[1] + 1, device=conf.device)
         ok = ranked >= 1.0 - config.factor / (n + 1)
@@ -248,6 +246,15 @@ def _count_to_reveal(conf: torch.Tensor, candidates: torch.Tensor, config: Gener
     else:
         return torch.minimum(k_fixed, n_cand)
     return torch.minimum(k.clamp(min=1), n_cand)  # always at least one token per step
+
+
+def _threshold_mask(conf: torch.Tensor, candidates: torch.Tensor, threshold: float) -> torch.Tensor:
+    """The threshold rule -> bool [B, T]: every candidate with conf >= threshold, or, in a row with none,
+    its most confident candidate (ties: lower position). That is the top k with k = max(1, #above),
+    found without a sort (non-candidates hold conf -inf and threshold > 0, so they are never above)."""
+    above = conf >= threshold
+    best = torch.zeros_like(above).scatter_(1, conf.argmax(1, keepdim=True), True) & candidates
+    return torch.where(above.any(1, keepdim=True), above, best)
 
 
 def _top_k_mask(conf: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -384,8 +391,11 @@ def _sample(denoiser, x, P, attn, config, mask_id, eos_id, eot_id) -> Iterator[S
             blk = x[r0:, bs:be]  # a view: writing to it updates x
             candidates = blk == mask_id
             conf = torch.where(candidates, conf, -torch.inf)
-            k = _count_to_reveal(conf, candidates, config, None if schedule is None else schedule[r0:, i])
-            reveal = _top_k_mask(conf, k)  # [B - r0, Lb] bool, only MASK slots: fixed slots are never candidates
+            if config.threshold is not None:  # [B - r0, Lb] bool, only MASK slots: fixed slots are never candidates
+                reveal = _threshold_mask(conf, candidates, config.threshold)
+            else:
+                reveal = _top_k_mask(conf, _count_to_reveal(conf, candidates, config,
+                                                             None if schedule is None else schedule[r0:, i]))
             blk.copy_(torch.where(reveal, x0, blk))
             i += 1
             step += 1

@@ -708,6 +708,28 @@ def test_factor_rule_follows_the_paper_for_the_last_ranked_candidate():
     assert _count_to_reveal(torch.tensor([[0.1, 0.99, 0.6]]), cand, cfg, None).item() == 1
 
 
+def test_threshold_mask_is_the_top_k_of_the_candidates_above():
+    """The threshold rule without a sort: the same set as the top k of the confidences with k = max(1, the
+    candidates >= tau) capped by the candidates, on random rows with ties, rows with no candidate left,
+    rows where none is above tau, and tau = 1."""
+    from llada_app.generation import _threshold_mask, _top_k_mask
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(3000):
+        B, T = 1 + trial % 3, 1 + trial % 33
+        cand = torch.rand(B, T, generator=g) < (0.0 if trial % 10 == 0 else 0.6)
+        conf = torch.rand(B, T, generator=g)
+        if trial % 3 == 0:
+            conf = (conf * 4).round() / 4  # ties, and confidences of exactly 0, tau and 1
+        conf = torch.where(cand, conf, -torch.inf)
+        tau = (0.75, 1.0, 0.999)[trial % 3]
+        k = torch.minimum(((conf >= tau) & cand).sum(1).clamp(min=1), cand.sum(1))
+        assert torch.equal(_threshold_mask(conf, cand, tau), _top_k_mask(conf, k)), trial
+    conf = torch.tensor([[0.2, -torch.inf, 0.4, 0.4], [0.95, 0.1, -torch.inf, 0.91]])
+    cand = conf > -torch.inf
+    assert _threshold_mask(conf, cand, 0.9).tolist() == [[False, False, True, False], [True, False, False, True]]
+
+
 @pytest.mark.parametrize("T", [0.5, 2.0])
 def test_gumbel_proposals_follow_softmax_of_logits_over_temperature(T):
     """exp(l) / (-log U)^T is the reference's Gumbel-max trick: its argmax is a draw from softmax(l / T).

@@ -190,7 +190,7 @@ def test_normalisations_are_fused_and_can_be_left_standard(tiny_export, tiny_loa
     assert check_parity(tiny_loaded, plain)["passed"]
 
 
-@pytest.mark.parametrize("nh,nkv,T,S,causal", [(4, 2, 5, 9, False), (4, 4, 3, 3, True), (6, 2, 1, 7, False)])
+@pytest.mark.parametrize("nh,nkv,T,S,causal", [(4, 2, 5, 9, False), (4, 4, 3, 3, True), (4, 2, 3, 5, True), (6, 2, 1, 7, False)])
 def test_grouped_attention_is_scaled_dot_product_attention(nh, nkv, T, S, causal):
     """The graphs' attention (query heads stacked per K/V head) against SDPA on repeated K/V, with padded
     keys, and a causal mask for the twin."""
@@ -203,10 +203,11 @@ def test_grouped_attention_is_scaled_dot_product_attention(nh, nkv, T, S, causal
     allowed = (torch.arange(S) >= torch.tensor([[0], [2]]))[:, None, None, :]  # [B, 1, 1, S]: row 1 padded
     if causal:
         allowed = allowed & (torch.arange(S)[None, :] <= torch.arange(S - T, S)[:, None])
-    bias = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    bias = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)  # [B, 1, 1|T, S]
     want = F.scaled_dot_product_attention(q, k.repeat_interleave(nh // nkv, 1), v.repeat_interleave(nh // nkv, 1),
                                           attn_mask=bias)
-    torch.testing.assert_close(grouped_attention(q * q.shape[-1] ** -0.5, k, v, bias), want, rtol=1e-5, atol=1e-6)
+    rows_bias = bias.repeat(1, 1, nh // nkv if causal else 1, 1)  # the layout of the graphs' embed
+    torch.testing.assert_close(grouped_attention(q * q.shape[-1] ** -0.5, k, v, rows_bias), want, rtol=1e-5, atol=1e-6)
 
 
 def test_graph_block_is_the_model_block(tiny_model):
