@@ -558,7 +558,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, accep
     window_count: dict[str, int] = {}
     model.train()
     # Compiled for the steps only; evaluation and saving use the model itself. One thread, the base preset's
-    # batch: a step measured 1.36-1.48x faster compiled than eager on this project's 2-core CPU.
+    # batch: a step measured 1.1-1.2x faster compiled than eager on this project's 2-core CPU.
     step_model = torch.compile(model) if cfg.compile else model
     while step < cfg.total_steps:
         batch = batches(step, rank)
