@@ -19,7 +19,7 @@ The sampler only talks to the `Denoiser` interface of `backends.py` (its call, `
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -500,7 +500,8 @@ def length_search_steps(denoiser: Denoiser, prompt_ids: torch.Tensor, attention_
 
 def candidate_steps(denoiser: Denoiser, canvases: torch.Tensor, attention_mask: torch.Tensor | None,
                     n_candidates: int, config: GenerationConfig, *, prompt_length: int, mask_id: int,
-                    eos_id: int, eot_id: int | None = None) -> Iterator[Step]:
+                    eos_id: int, eot_id: int | None = None,
+                    rescore: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Iterator[Step]:
     """Denoise K candidate canvases per prompt side by side; keep, per prompt, the most confident.
 
     canvases [K * B, P + G]: row k * B + b is candidate k of prompt b (a length search: one answer
@@ -513,6 +514,9 @@ def candidate_steps(denoiser: Denoiser, canvases: torch.Tensor, attention_mask: 
     candidates with fewer slots first). Each prompt keeps the candidate whose revealed tokens have the
     highest mean log-confidence (ties: the earlier candidate). Every step shows, per prompt, the candidate
     leading so far (never done, its `canvas` the candidate's); the last step (done) holds the kept ones.
+
+    `rescore` (final ids [K * B, L] -> [K * B]) adds a second opinion to each candidate's score once
+    every candidate is filled (the completion protocol: the likelihood of its answer text).
     """
     if not 1 <= n_candidates <= MAX_CANDIDATES:
         raise ValueError(f"a search takes 1 to {MAX_CANDIDATES} candidates per prompt, got {n_candidates}")
@@ -531,11 +535,13 @@ def candidate_steps(denoiser: Denoiser, canvases: torch.Tensor, attention_mask: 
     if bool((x[:, :P] == mask_id).any()):
         raise ValueError("the prompt part of a canvas cannot hold the mask token")
     return _search(_sample(denoiser, x.clone(), P, attention_mask, config, mask_id, eos_id, eot_id), x, P,
-                   n_candidates)
+                   n_candidates, rescore)
 
 
-def _search(steps: Iterator[Step], x: torch.Tensor, P: int, K: int) -> Iterator[Step]:
-    """Score the candidate rows of a step stream; x [K * B, L]: its starting canvases."""
+def _search(steps: Iterator[Step], x: torch.Tensor, P: int, K: int,
+            rescore: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Iterator[Step]:
+    """Score the candidate rows of a step stream; x [K * B, L]: its starting canvases. rescore(final ids)
+    -> [K * B] is added to the final scores (not to the lead shown while the stream runs)."""
     KB, L = x.shape
     B = KB // K
     log_conf = torch.zeros(KB, device=x.device)  # [K * B] sum of the log-confidences of revealed tokens
@@ -543,8 +549,8 @@ def _search(steps: Iterator[Step], x: torch.Tensor, P: int, K: int) -> Iterator[
     rows = torch.arange(B, device=x.device)
     step, ids = None, x
 
-    def best() -> torch.Tensor:  # [B] the row (k * B + b) of each prompt's leading candidate; ties: the earlier
-        return (log_conf / count.clamp_min(1)).view(K, B).argmax(0) * B + rows
+    def best(extra: torch.Tensor | float = 0.0) -> torch.Tensor:  # [B] the row (k * B + b) of each prompt's
+        return (log_conf / count.clamp_min(1) + extra).view(K, B).argmax(0) * B + rows  # leader; ties: the earlier
 
     try:
         for step in steps:
@@ -556,7 +562,7 @@ def _search(steps: Iterator[Step], x: torch.Tensor, P: int, K: int) -> Iterator[
     finally:
         steps.close()
     none = torch.zeros(B, L, dtype=torch.bool, device=x.device)
-    lead = best()
+    lead = best(rescore(ids) if rescore is not None and step is not None else 0.0)
     yield Step(ids=ids[lead], prompt_length=P, revealed=none, confidence=none.float(),
                step=step.step if step else 0, nfe=step.nfe if step else 0, done=True, canvas=x[lead])
 

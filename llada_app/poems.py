@@ -5,7 +5,8 @@ after normalising case, whitespace and punctuation. Two protocols ask the same t
 
 - `completion`: no chat. The canvas is the text as pre-training showed it: EOS, the given line, a
   newline, a gap of masks, EOS (next) — or EOS, the gap, a newline, the given line, EOS (previous).
-  The given line is fixed; the gap's length is searched (`generation.candidate_steps`). A causal
+  The given line is fixed; the gap's length is searched (`generation.candidate_steps`; the kept
+  length: confidence + the likelihood of its answer, `completion_steps`). A causal
   model decodes the same canvas left to right, so for "previous" its gap cannot see the line after it.
 - `chat`: the question through the chat template (the LLaDA paper's form, for instruction models).
 
@@ -32,6 +33,7 @@ from .data import DEFAULT_N_SONNETS, SONNETS_FILE, Sonnet, followup_question, lo
 PROTOCOLS = ("completion", "chat")
 DIRECTIONS = ("next", "previous")
 SPLITS = ("heldout", "train")
+LIKELIHOOD_SAMPLES = 32  # completion: masked samples of the ELBO that re-scores each candidate's answer text
 GEN_LENGTH = 32  # chat: answer slots (= block length = steps) of a model that does not say its own
 EVALUATION = "evaluation.json"  # the stored evaluation in a model folder (see `store_evaluation`)
 
@@ -149,6 +151,7 @@ class Decoding:
     block_length: int | None = None  # chat, MDM: semi-autoregressive blocks (None: one block, as in the paper)
     lengths: range | None = None  # MDM candidate answer lengths; chat: None lets gen_length decide,
     # completion: the gap lengths searched (None: 1 .. gen_length - 1)
+    likelihood_samples: int = LIKELIHOOD_SAMPLES  # completion, MDM: ELBO samples per candidate answer (0: off)
 
     @classmethod
     def for_model(cls, card, corpus: PoemCorpus | None = None, tokenizer=None) -> "Decoding":
@@ -211,15 +214,21 @@ def completion_canvas(tokenizer, ids, line: str, direction: str, gap: int) -> li
     return [ids.eos] + body + end + [ids.eos]
 
 
-def completion_batch(tokenizer, ids, lines: Sequence[str], direction: str,
-                     lengths: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+def completion_batch(tokenizer, ids, lines: Sequence[str], direction: str, lengths: Sequence[int],
+                     paired: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """One canvas per (gap length, line), row k * B + b, shortest gaps first, right-padded
-    -> canvases [K * B, W], attention mask [K * B, W] (0 on the padding, which is never attended)."""
+    -> canvases [K * B, W], attention mask [K * B, W] (0 on the padding, which is never attended).
+    paired: one canvas per line instead, lines[i] with a gap of lengths[i] -> [B, W]."""
     from .generation import MAX_CANDIDATES
 
-    if not 1 <= len(lengths) <= MAX_CANDIDATES:  # before anything walks them
+    if paired:
+        if len(lengths) != len(lines):
+            raise ValueError(f"paired canvases need one gap length per line, got {len(lengths)} for {len(lines)}")
+        rows = [completion_canvas(tokenizer, ids, line, direction, L) for line, L in zip(lines, lengths)]
+    elif not 1 <= len(lengths) <= MAX_CANDIDATES:  # before anything walks them
         raise ValueError(f"the completion searches 1 to {MAX_CANDIDATES} gap lengths, got {len(lengths)}")
-    rows = [completion_canvas(tokenizer, ids, line, direction, L) for L in sorted(lengths) for line in lines]
+    else:
+        rows = [completion_canvas(tokenizer, ids, line, direction, L) for L in sorted(lengths) for line in lines]
     width = max(len(r) for r in rows)
     canvases = torch.full((len(rows), width), ids.pad, dtype=torch.long)
     attn = torch.zeros((len(rows), width), dtype=torch.long)
@@ -236,13 +245,52 @@ def completion_config(width: int):
     return GenerationConfig(gen_length=width - 1, block_length=width - 1, steps=width - 1, temperature=0.0)
 
 
-def completion_steps(denoiser, tokenizer, ids, lines: Sequence[str], direction: str, lengths: Sequence[int]):
-    """The masked-diffusion side of the completion protocol: a Step stream (generation.candidate_steps)."""
+def completion_steps(denoiser, tokenizer, ids, lines: Sequence[str], direction: str, lengths: Sequence[int],
+                     likelihood_samples: int = LIKELIHOOD_SAMPLES):
+    """The masked-diffusion side of the completion protocol: a Step stream (generation.candidate_steps).
+
+    Each gap length is a candidate. The kept one has the best mean log-confidence of its revealed tokens
+    plus (likelihood_samples > 0) the mean ELBO per token of its answer text, re-read in a canvas of its
+    own length (`answer_likelihood`). Confidence judges each token in the order the sampler committed
+    it; the likelihood judges the finished line from every masking ratio, which the confidence alone
+    misses when a gap one token short is filled with the rest of the line.
+    """
     from .generation import candidate_steps
 
+    if likelihood_samples < 0:
+        raise ValueError(f"likelihood_samples must be >= 0, got {likelihood_samples}")
     canvases, attn = completion_batch(tokenizer, ids, lines, direction, lengths)
+    rescore = None
+    if likelihood_samples:
+        def rescore(final: torch.Tensor) -> torch.Tensor:  # [K * B]; row k * B + b answers lines[b]
+            given = list(lines) * len(lengths)
+            answers = [gap_text(tokenizer, ids, row, canvas, line)
+                       for row, canvas, line in zip(final.tolist(), canvases.tolist(), given)]
+            return answer_likelihood(denoiser, tokenizer, ids, given, answers, direction,
+                                     likelihood_samples).to(final.device)
     return candidate_steps(denoiser, canvases, attn, len(lengths), completion_config(canvases.shape[1]),
-                           prompt_length=1, mask_id=ids.mask, eos_id=ids.eos, eot_id=ids.eot)
+                           prompt_length=1, mask_id=ids.mask, eos_id=ids.eos, eot_id=ids.eot, rescore=rescore)
+
+
+def answer_likelihood(denoiser, tokenizer, ids, lines: Sequence[str], answers: Sequence[str], direction: str,
+                      samples: int = LIKELIHOOD_SAMPLES) -> torch.Tensor:
+    """Mean ELBO per token of each answer text next to its line, in the completion canvas of the answer's own
+    length (`likelihood.gap_log_likelihood`, `samples` per answer, seed 0) -> [N] nats; an empty answer: -inf.
+    Each distinct (line, answer) is scored once (a row's estimate does not depend on the rest of its batch)."""
+    from .likelihood import gap_log_likelihood
+
+    pairs = list(dict.fromkeys((line, a) for line, a in zip(lines, answers) if a.strip()))
+    enc = [tokenizer(a, add_special_tokens=False)["input_ids"] for _, a in pairs]
+    pairs, enc = [p for p, e in zip(pairs, enc) if e], [e for e in enc if e]
+    if not pairs:
+        return torch.full((len(answers),), float("-inf"))
+    x, attn = completion_batch(tokenizer, ids, [line for line, _ in pairs], direction, [len(e) for e in enc],
+                               paired=True)  # [U, W] one canvas per distinct answer, its gap as long as the answer
+    slots = (x == ids.mask) & attn.bool()
+    x[slots] = torch.tensor([t for e in enc for t in e])  # row-major: each row's gap, in order
+    elbo = gap_log_likelihood(denoiser, x, slots, attn, mask_id=ids.mask, mc_num=samples, seed=0) / slots.sum(1)
+    score = dict(zip(pairs, elbo.tolist()))
+    return torch.tensor([score.get((line, a), float("-inf")) for line, a in zip(lines, answers)])
 
 
 def arm_completion_prompt(canvas: list[int], mask_id: int) -> tuple[list[int], int]:
@@ -337,7 +385,8 @@ class Answerer:
                                stop_ids=arm_stop_ids(tok, ids, lines[0]))
             return [arm_gap_text(tok, row, line) for row, line in zip(seq[:, x.shape[1]:].tolist(), lines)]
         final = None
-        for final in completion_steps(self.denoiser, tok, ids, lines, direction, lengths):
+        for final in completion_steps(self.denoiser, tok, ids, lines, direction, lengths,
+                                      self.decoding.likelihood_samples):
             pass
         return [gap_text(tok, ids, row, canvas, line)
                 for row, canvas, line in zip(final.ids.tolist(), final.canvas.tolist(), lines)]
@@ -545,8 +594,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--block-length", type=int, default=None,
                    help="chat, MDM: semi-autoregressive block length, still one token per step (default: one block)")
     p.add_argument("--lengths", type=_lengths_arg, default=..., metavar="MIN:MAX|none",
-                   help="MDM candidate answer lengths in tokens, each decoded, the most confident kept (default: the "
+                   help="MDM candidate answer lengths in tokens, each decoded, the best kept (default: the "
                         "line lengths of a model's SFT sonnets; none: chat decodes the gen length, completion 1..31)")
+    p.add_argument("--likelihood-samples", type=int, default=LIKELIHOOD_SAMPLES, metavar="N",
+                   help="completion, MDM: masked samples of the likelihood of each candidate's answer text (re-read "
+                        "in a gap of its own length), whose mean per token is added to the candidate's mean "
+                        f"log-confidence before the best is kept (default {LIKELIHOOD_SAMPLES}; 0: confidence alone)")
     p.add_argument("--multiturn", action="store_true", help="chat: also ask the follow-up question")
     p.add_argument("--store", action="store_true",
                    help=f"write the results into each model folder ({EVALUATION}), where the page shows them")
@@ -555,6 +608,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.limit is not None and args.limit < 1:
         parser.error("--limit must be >= 1")
+    if args.likelihood_samples < 0:
+        parser.error("--likelihood-samples must be >= 0")
 
     from tqdm import tqdm
 
@@ -576,6 +631,7 @@ def main(argv: list[str] | None = None) -> None:
             decoding = replace(decoding, block_length=args.block_length)
         if args.lengths is not ...:
             decoding = replace(decoding, lengths=args.lengths)
+        decoding = replace(decoding, likelihood_samples=args.likelihood_samples)
         try:
             with tqdm(total=100, desc=loaded.name, unit="%", bar_format="{l_bar}{bar}| {elapsed}",
                       disable=args.json or not sys.stderr.isatty()) as bar:

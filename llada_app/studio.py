@@ -479,12 +479,14 @@ class Studio:
             raise RequestError(f"the line is too long: with a gap of up to {max(lengths)} tokens its canvas is "
                                f"{longest} tokens, over the model's context of {denoiser.max_length}")
         try:
-            steps = poems.completion_steps(denoiser, tok, ids, [line], direction, lengths)
+            steps = poems.completion_steps(denoiser, tok, ids, [line], direction, lengths,
+                                           self.decoding.likelihood_samples)
         except ValueError as e:
             raise RequestError(str(e)) from None
         blank = poems.completion_canvas(tok, ids, line, direction, min(lengths))[1:]
         view = _View(blank, lambda tokens, canvas: poems.gap_text(tok, ids, tokens, canvas, line))
-        note = f" · gap length searched {lengths.start}–{lengths.stop - 1} tokens · {model.name}"
+        kept = " (kept: confidence + likelihood)" if self.decoding.likelihood_samples else ""
+        note = f" · gap length searched {lengths.start}–{lengths.stop - 1} tokens{kept} · {model.name}"
         return self._frames(steps, model, denoiser.name, settings, view, should_stop, note)
 
     def _stream_arm_completion(self, line: str, direction: str, lengths: range, settings: ChatSettings,

@@ -555,6 +555,27 @@ def test_search_ranks_candidates_by_mean_log_confidence():
     assert steps[-1].ids.tolist() == [[1, 3, 4, 9]] and (steps[-1].step, steps[-1].nfe) == (1, 1)
 
 
+def test_search_adds_the_rescore_to_the_final_choice_only():
+    """The same two candidates: a rescore of +1 for the first makes it the kept one, while the lead shown
+    during the stream stays the confidence's."""
+    x = torch.full((2, 4), 9)
+    revealed = torch.tensor([[False, True, False, False], [False, True, True, False]])
+    confidence = torch.tensor([[0.0, math.exp(-0.7), 0, 0], [0.0, math.exp(-0.5), math.exp(-0.5), 0]])
+    ids = torch.tensor([[1, 2, 9, 9], [1, 3, 4, 9]])
+    seen = []
+
+    def stream():
+        yield Step(ids=ids, prompt_length=1, revealed=revealed, confidence=confidence, step=1, nfe=1, done=True)
+
+    def rescore(final):
+        seen.append(final.tolist())
+        return torch.tensor([1.0, 0.0])
+
+    steps = list(_search(stream(), x, 1, 2, rescore))
+    assert steps[0].ids.tolist() == [[1, 3, 4, 9]] and steps[-1].ids.tolist() == [[1, 2, 9, 9]]
+    assert seen == [ids.tolist()]  # called once, on every candidate's final ids
+
+
 def test_a_search_with_nothing_to_fill_returns_its_canvas(sharp_model, prompts, ids):
     P = len(prompts[0])
     canvas = torch.tensor([prompts[0] + [5] * 8, prompts[0] + [6] * 8])  # K = 2 candidates, no MASK slot

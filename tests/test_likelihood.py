@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from llada_app.backends import TorchDenoiser
-from llada_app.likelihood import log_likelihood, mask_counts, score_choices
+from llada_app.likelihood import gap_log_likelihood, log_likelihood, mask_counts, score_choices
 from llada_app.modeling import LLaDAModelLM
 
 from conftest import tiny_config
@@ -174,3 +174,42 @@ def test_score_choices_scores_each_choice_with_the_same_draws(tiny_model, tiny_t
     got = score_choices(d, prompt, choices, mask_id=mask_id, mc_num=8, batch_size=4, cfg_scale=0.5, seed=3)
     assert got == [log_likelihood(d, prompt, c, mask_id=mask_id, mc_num=8, batch_size=4, cfg_scale=0.5, seed=3)
                    for c in choices]
+
+
+def test_gap_likelihood_of_one_slot_is_exact_in_any_row_of_a_batch(tiny_model, tiny_tokenizer, pair):
+    """One slot per row (anywhere, padding after it): every sample masks it, so each row's estimate is
+    log p(token | the rest of its row) exactly, whatever the other rows of the batch."""
+    mask_id = tiny_tokenizer.mask_token_id
+    seq = pair[0] + pair[1]
+    rows = torch.tensor([seq, seq, seq[::-1]])  # [3, W]
+    slots = torch.zeros_like(rows, dtype=torch.bool)
+    slots[0, 2], slots[1, 7], slots[2, 4] = True, True, True
+    attn = torch.ones_like(rows)
+    attn[1, 10:] = 0  # row 1 ends early: its padding is never attended
+    est = gap_log_likelihood(TorchDenoiser(tiny_model), rows, slots, attn, mask_id=mask_id, mc_num=4, batch_size=5,
+                             seed=0)
+    for r in range(3):
+        x = torch.where(slots[r], mask_id, rows[r])[None]
+        with torch.no_grad():
+            logp = torch.log_softmax(tiny_model(x, attention_mask=attn[r:r + 1]).logits[0], -1)
+        p = int(slots[r].nonzero())
+        assert float(est[r]) == pytest.approx(float(logp[p, rows[r, p]]), abs=1e-5)
+    with pytest.raises(ValueError, match="at least one slot"):
+        gap_log_likelihood(TorchDenoiser(tiny_model), rows, torch.zeros_like(slots), mask_id=mask_id)
+    with pytest.raises(ValueError, match="must not contain the mask token"):
+        gap_log_likelihood(TorchDenoiser(tiny_model), torch.where(slots, mask_id, rows), slots, mask_id=mask_id)
+
+
+def test_gap_likelihood_of_a_row_does_not_depend_on_its_batch(tiny_model, tiny_tokenizer, pair):
+    """With a seed every row draws its own masks: a row scored alone or beside others (another width, other
+    slot counts) gets the same estimate, so an answer's score does not depend on who shares its batch."""
+    mask_id, d = tiny_tokenizer.mask_token_id, TorchDenoiser(tiny_model)
+    seq = pair[0] + pair[1]
+    rows = torch.tensor([seq, seq[::-1], seq])
+    slots = torch.zeros_like(rows, dtype=torch.bool)
+    slots[0, 3:9], slots[1, 1:4], slots[2, 10:20] = True, True, True
+    together = gap_log_likelihood(d, rows, slots, mask_id=mask_id, mc_num=16, batch_size=7, seed=3)
+    for r in range(3):
+        alone = gap_log_likelihood(d, rows[r:r + 1], slots[r:r + 1], mask_id=mask_id, mc_num=16, seed=3)
+        assert float(alone[0]) == pytest.approx(float(together[r]), abs=1e-4)
+    assert len(set(together.tolist())) == 3

@@ -103,7 +103,8 @@ def test_completion_fixes_the_given_line_and_searches_the_gap(tiny_mdm):
     revealed; every gap length is a candidate, and the kept answer is the most confident one."""
     tok, ids = tiny_mdm.tokenizer, tiny_mdm.ids
     line, lengths = "That thereby beauty's rose might never die,", range(3, 7)
-    steps = list(poems.completion_steps(TorchDenoiser(tiny_mdm.model), tok, ids, [line], "previous", lengths))
+    steps = list(poems.completion_steps(TorchDenoiser(tiny_mdm.model), tok, ids, [line], "previous", lengths,
+                                        likelihood_samples=0))
     assert steps[-1].done and steps[-1].nfe == max(lengths)  # candidates side by side: the longest one's passes
     candidates = [completion_canvas(tok, ids, line, "previous", L) for L in lengths]
     for step in steps:
@@ -124,6 +125,49 @@ def test_completion_fixes_the_given_line_and_searches_the_gap(tiny_mdm):
         logc = [float(s.confidence[0][s.revealed[0]].log().sum()) for s in run[:-1]]
         scores.append((sum(logc) / L, L))
     assert (steps[-1].canvas[0] == ids.mask).sum().item() == max(scores, key=lambda s: s[0])[1]
+
+
+def test_completion_keeps_confidence_plus_the_likelihood_of_the_answer_text(tiny_mdm):
+    """With likelihood samples the kept candidate maximises its mean log-confidence + the mean ELBO per
+    token of its answer text, both recomputed here from one decoding per gap length."""
+    from llada_app.generation import candidate_steps
+
+    tok, ids, d = tiny_mdm.tokenizer, tiny_mdm.ids, TorchDenoiser(tiny_mdm.model)
+    lines, lengths = ["That thereby beauty's rose might never die,", "Shall I compare thee"], range(3, 7)
+    for direction in poems.DIRECTIONS:
+        kept = list(poems.completion_steps(d, tok, ids, lines, direction, lengths, likelihood_samples=8))[-1]
+        answers, conf, rows = [], [], []
+        for L in lengths:
+            one, one_attn = completion_batch(tok, ids, lines, direction, [L])
+            run = list(candidate_steps(d, one, one_attn, 1, poems.completion_config(one.shape[1]), prompt_length=1,
+                                       mask_id=ids.mask, eos_id=ids.eos, eot_id=ids.eot))
+            for b, line in enumerate(lines):
+                conf.append(float(sum(s.confidence[b][s.revealed[b]].log().sum() for s in run[:-1]) / L))
+                answers.append(poems.gap_text(tok, ids, run[-1].ids[b].tolist(), one[b].tolist(), line))
+                rows.append(run[-1].ids[b].tolist())
+        likelihood = poems.answer_likelihood(d, tok, ids, lines * len(lengths), answers, direction, 8)
+        score = (torch.tensor(conf) + likelihood).view(len(lengths), len(lines))
+        for b, line in enumerate(lines):
+            best = int(score[:, b].argmax()) * len(lines) + b
+            got = kept.ids[b].tolist()
+            assert got[:len(rows[best])] == rows[best] and set(got[len(rows[best]):]) <= {ids.pad}
+    with pytest.raises(ValueError, match="likelihood_samples must be >= 0"):
+        poems.completion_steps(d, tok, ids, lines, "next", lengths, likelihood_samples=-1)
+
+
+def test_answer_likelihood_reads_the_answer_in_its_own_canvas(tiny_mdm):
+    """A one-token answer: every sample masks it, so the estimate is log p(token) in the canvas whose gap
+    is that one token, exactly; an empty answer scores -inf."""
+    tok, ids, d = tiny_mdm.tokenizer, tiny_mdm.ids, TorchDenoiser(tiny_mdm.model)
+    line = "Shall I compare thee"
+    word = next(w for w in ("I", "a", "O", "A") if len(tok(w, add_special_tokens=False)["input_ids"]) == 1)
+    (t,) = tok(word, add_special_tokens=False)["input_ids"]
+    got = poems.answer_likelihood(d, tok, ids, [line, line, line], [word, "", word], "previous", 4)
+    canvas = torch.tensor([completion_canvas(tok, ids, line, "previous", 1)])  # EOS [MASK] sep line EOS
+    with torch.no_grad():
+        logp = torch.log_softmax(tiny_mdm.model(canvas).logits[0, 1], -1)
+    assert got[0] == pytest.approx(float(logp[t]), abs=1e-5) and got[2] == got[0]
+    assert got[1] == float("-inf")
 
 
 def test_arm_completion_of_previous_cannot_see_the_line_after_its_gap(tiny_arm):
