@@ -279,9 +279,10 @@ def answer_likelihood(denoiser, tokenizer, ids, lines: Sequence[str], answers: S
     Each distinct (line, answer) is scored once (a row's estimate does not depend on the rest of its batch)."""
     from .likelihood import gap_log_likelihood
 
-    pairs = list(dict.fromkeys((line, a) for line, a in zip(lines, answers) if a.strip()))
-    enc = [tokenizer(a, add_special_tokens=False)["input_ids"] for _, a in pairs]
-    pairs, enc = [p for p, e in zip(pairs, enc) if e], [e for e in enc if e]
+    distinct = dict.fromkeys(zip(lines, answers))  # (line, answer) -> None, in order
+    tokens = {p: tokenizer(p[1], add_special_tokens=False)["input_ids"] for p in distinct}
+    pairs = [p for p in distinct if tokens[p]]  # an empty answer has nothing to score
+    enc = [tokens[p] for p in pairs]
     if not pairs:
         return torch.full((len(answers),), float("-inf"))
     x, attn = completion_batch(tokenizer, ids, [line for line, _ in pairs], direction, [len(e) for e in enc],
