@@ -34,6 +34,7 @@ PROTOCOLS = ("completion", "chat")
 DIRECTIONS = ("next", "previous")
 SPLITS = ("heldout", "train")
 LIKELIHOOD_SAMPLES = 32  # completion: masked samples of the ELBO that re-scores each candidate's answer text
+BOUNDARY_SLOTS = 3  # completion: masks beyond an answer, where its likelihood reads the line boundary (`line_boundary`)
 GEN_LENGTH = 32  # chat: answer slots (= block length = steps) of a model that does not say its own
 EVALUATION = "evaluation.json"  # the stored evaluation in a model folder (see `store_evaluation`)
 
@@ -152,6 +153,7 @@ class Decoding:
     lengths: range | None = None  # MDM candidate answer lengths; chat: None lets gen_length decide,
     # completion: the gap lengths searched (None: 1 .. gen_length - 1)
     likelihood_samples: int = LIKELIHOOD_SAMPLES  # completion, MDM: ELBO samples per candidate answer (0: off)
+    boundary_slots: int = BOUNDARY_SLOTS  # completion, MDM: that likelihood counts the line boundary (0: off)
 
     @classmethod
     def for_model(cls, card, corpus: PoemCorpus | None = None, tokenizer=None) -> "Decoding":
@@ -246,19 +248,22 @@ def completion_config(width: int):
 
 
 def completion_steps(denoiser, tokenizer, ids, lines: Sequence[str], direction: str, lengths: Sequence[int],
-                     likelihood_samples: int = LIKELIHOOD_SAMPLES):
+                     likelihood_samples: int = LIKELIHOOD_SAMPLES, boundary_slots: int = BOUNDARY_SLOTS):
     """The masked-diffusion side of the completion protocol: a Step stream (generation.candidate_steps).
 
     Each gap length is a candidate. The kept one has the best mean log-confidence of its revealed tokens
-    plus (likelihood_samples > 0) the mean ELBO per token of its answer text, re-read in a canvas of its
-    own length (`answer_likelihood`). Confidence judges each token in the order the sampler committed
-    it; the likelihood judges the finished line from every masking ratio, which the confidence alone
-    misses when a gap one token short is filled with the rest of the line.
+    plus (likelihood_samples > 0) the mean log-likelihood per token of its answer text read as a line of
+    its own (`answer_likelihood`). Confidence judges each token in the order the sampler committed it;
+    the likelihood judges the finished line from every masking ratio and, with boundary_slots > 0,
+    whether a line can end (next) or begin (previous) right where the answer does: the confidence alone
+    misses a gap one token short filled with the rest of the line.
     """
     from .generation import candidate_steps
 
     if likelihood_samples < 0:
         raise ValueError(f"likelihood_samples must be >= 0, got {likelihood_samples}")
+    if boundary_slots < 0:
+        raise ValueError(f"boundary_slots must be >= 0, got {boundary_slots}")
     canvases, attn = completion_batch(tokenizer, ids, lines, direction, lengths)
     rescore = None
     if likelihood_samples:
@@ -267,16 +272,18 @@ def completion_steps(denoiser, tokenizer, ids, lines: Sequence[str], direction: 
             answers = [gap_text(tokenizer, ids, row, canvas, line)
                        for row, canvas, line in zip(final.tolist(), canvases.tolist(), given)]
             return answer_likelihood(denoiser, tokenizer, ids, given, answers, direction,
-                                     likelihood_samples).to(final.device)
+                                     likelihood_samples, boundary_slots).to(final.device)
     return candidate_steps(denoiser, canvases, attn, len(lengths), completion_config(canvases.shape[1]),
                            prompt_length=1, mask_id=ids.mask, eos_id=ids.eos, eot_id=ids.eot, rescore=rescore)
 
 
 def answer_likelihood(denoiser, tokenizer, ids, lines: Sequence[str], answers: Sequence[str], direction: str,
-                      samples: int = LIKELIHOOD_SAMPLES) -> torch.Tensor:
-    """Mean ELBO per token of each answer text next to its line, in the completion canvas of the answer's own
-    length (`likelihood.gap_log_likelihood`, `samples` per answer, seed 0) -> [N] nats; an empty answer: -inf.
-    Each distinct (line, answer) is scored once (a row's estimate does not depend on the rest of its batch)."""
+                      samples: int = LIKELIHOOD_SAMPLES, boundary_slots: int = BOUNDARY_SLOTS) -> torch.Tensor:
+    """Mean log-likelihood per token of each answer text read as a line of its own next to its given line
+    -> [N] nats; an empty answer: -inf. Its n tokens: their ELBO in the completion canvas of the answer's own
+    length (`likelihood.gap_log_likelihood`, `samples` per answer, seed 0); with boundary_slots > 0, one token
+    more: the line boundary just outside the answer (`line_boundary`), over n + 1 tokens. Each distinct
+    (line, answer) is scored once (a row's estimate does not depend on the rest of its batch)."""
     from .likelihood import gap_log_likelihood
 
     distinct = dict.fromkeys(zip(lines, answers))  # (line, answer) -> None, in order
@@ -289,9 +296,52 @@ def answer_likelihood(denoiser, tokenizer, ids, lines: Sequence[str], answers: S
                                paired=True)  # [U, W] one canvas per distinct answer, its gap as long as the answer
     slots = (x == ids.mask) & attn.bool()
     x[slots] = torch.tensor([t for e in enc for t in e])  # row-major: each row's gap, in order
-    elbo = gap_log_likelihood(denoiser, x, slots, attn, mask_id=ids.mask, mc_num=samples, seed=0) / slots.sum(1)
-    score = dict(zip(pairs, elbo.tolist()))
+    total = gap_log_likelihood(denoiser, x, slots, attn, mask_id=ids.mask, mc_num=samples, seed=0)  # [U]
+    n = slots.sum(1)
+    if boundary_slots:
+        total = total + line_boundary(denoiser, tokenizer, ids, [line for line, _ in pairs], enc, direction,
+                                      boundary_slots)
+        n = n + 1
+    score = dict(zip(pairs, (total / n).tolist()))
     return torch.tensor([score.get((line, a), float("-inf")) for line, a in zip(lines, answers)])
+
+
+def line_boundary(denoiser, tokenizer, ids, lines: Sequence[str], answers: Sequence[Sequence[int]], direction: str,
+                  slots: int = BOUNDARY_SLOTS) -> torch.Tensor:
+    """log p(a line boundary right outside each answer) -> [N] nats; answers: token ids, at least one each.
+
+    The answer stands next to its given line as in the completion canvas, but the text beyond it is
+    `slots` masks: [MASK x slots] answer sep line end EOS (previous), EOS line sep answer [MASK x slots]
+    (next). Read at the mask touching the answer: the probability of a token that ends a line (EOS, the
+    separator, the closing punctuation). A whole line scores near 0; a piece of one scores low, as the
+    model would put the line's missing words there. More than one mask: a lone mask at the edge of the
+    text reads as the start of a pre-training row, where a line's first token always stood.
+    """
+    if slots < 1 or any(not a for a in answers):
+        raise ValueError("line_boundary needs at least one slot and a non-empty answer per line")
+    rows = []
+    for line, answer in zip(lines, answers):
+        canvas = completion_canvas(tokenizer, ids, line, direction, len(answer))
+        gap = [i for i, t in enumerate(canvas) if t == ids.mask]
+        for i, t in zip(gap, answer):
+            canvas[i] = t
+        rows.append([ids.mask] * slots + canvas[1:] if direction == "previous"
+                    else canvas[:gap[-1] + 1] + [ids.mask] * slots)
+    W = max(len(r) for r in rows)
+    x = torch.full((len(rows), W), ids.pad, dtype=torch.long)
+    attn = torch.zeros_like(x)
+    for r, row in enumerate(rows):  # previous: right-padded; next: left-padded (RoPE sees relative positions)
+        at = slice(0, len(row)) if direction == "previous" else slice(W - len(row), W)
+        x[r, at], attn[r, at] = torch.tensor(row), 1
+    col = slots - 1 if direction == "previous" else W - slots  # the mask touching the answer, in every row
+    logits = denoiser(x.to(denoiser.device), attn.to(denoiser.device), logits_slice=slice(col, col + 1)).logits
+    logp = logits[:, 0].float().log_softmax(-1).cpu()  # [N, V]
+    enc = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    ends = torch.zeros_like(logp, dtype=torch.bool)
+    for r, line in enumerate(lines):
+        fmt = text_format(line)
+        ends[r, [ids.eos, *enc(fmt.sep), *enc(fmt.end)]] = True
+    return logp.masked_fill(~ends, -torch.inf).logsumexp(-1)
 
 
 def arm_completion_prompt(canvas: list[int], mask_id: int) -> tuple[list[int], int]:
@@ -387,7 +437,7 @@ class Answerer:
             return [arm_gap_text(tok, row, line) for row, line in zip(seq[:, x.shape[1]:].tolist(), lines)]
         final = None
         for final in completion_steps(self.denoiser, tok, ids, lines, direction, lengths,
-                                      self.decoding.likelihood_samples):
+                                      self.decoding.likelihood_samples, self.decoding.boundary_slots):
             pass
         return [gap_text(tok, ids, row, canvas, line)
                 for row, canvas, line in zip(final.ids.tolist(), final.canvas.tolist(), lines)]
@@ -601,6 +651,10 @@ def main(argv: list[str] | None = None) -> None:
                    help="completion, MDM: masked samples of the likelihood of each candidate's answer text (re-read "
                         "in a gap of its own length), whose mean per token is added to the candidate's mean "
                         f"log-confidence before the best is kept (default {LIKELIHOOD_SAMPLES}; 0: confidence alone)")
+    p.add_argument("--boundary-slots", type=int, default=BOUNDARY_SLOTS, metavar="N",
+                   help="completion, MDM: that likelihood counts one token more, the line boundary, read at the first "
+                        f"of N masks put beyond the answer in place of the rest of the text (default {BOUNDARY_SLOTS}; "
+                        "0: the answer's tokens alone)")
     p.add_argument("--multiturn", action="store_true", help="chat: also ask the follow-up question")
     p.add_argument("--store", action="store_true",
                    help=f"write the results into each model folder ({EVALUATION}), where the page shows them")
@@ -611,6 +665,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--limit must be >= 1")
     if args.likelihood_samples < 0:
         parser.error("--likelihood-samples must be >= 0")
+    if args.boundary_slots < 0:
+        parser.error("--boundary-slots must be >= 0")
 
     from tqdm import tqdm
 
@@ -632,7 +688,7 @@ def main(argv: list[str] | None = None) -> None:
             decoding = replace(decoding, block_length=args.block_length)
         if args.lengths is not ...:
             decoding = replace(decoding, lengths=args.lengths)
-        decoding = replace(decoding, likelihood_samples=args.likelihood_samples)
+        decoding = replace(decoding, likelihood_samples=args.likelihood_samples, boundary_slots=args.boundary_slots)
         try:
             with tqdm(total=100, desc=loaded.name, unit="%", bar_format="{l_bar}{bar}| {elapsed}",
                       disable=args.json or not sys.stderr.isatty()) as bar:

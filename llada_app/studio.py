@@ -480,7 +480,7 @@ class Studio:
                                f"{longest} tokens, over the model's context of {denoiser.max_length}")
         try:
             steps = poems.completion_steps(denoiser, tok, ids, [line], direction, lengths,
-                                           self.decoding.likelihood_samples)
+                                           self.decoding.likelihood_samples, self.decoding.boundary_slots)
         except ValueError as e:
             raise RequestError(str(e)) from None
         blank = poems.completion_canvas(tok, ids, line, direction, min(lengths))[1:]

@@ -156,18 +156,64 @@ def test_completion_keeps_confidence_plus_the_likelihood_of_the_answer_text(tiny
 
 
 def test_answer_likelihood_reads_the_answer_in_its_own_canvas(tiny_mdm):
-    """A one-token answer: every sample masks it, so the estimate is log p(token) in the canvas whose gap
-    is that one token, exactly; an empty answer scores -inf."""
+    """A one-token answer: every sample masks it, so the estimate (the answer's tokens alone, no boundary) is
+    log p(token) in the canvas whose gap is that one token, exactly; an empty answer scores -inf."""
     tok, ids, d = tiny_mdm.tokenizer, tiny_mdm.ids, TorchDenoiser(tiny_mdm.model)
     line = "Shall I compare thee"
     word = next(w for w in ("I", "a", "O", "A") if len(tok(w, add_special_tokens=False)["input_ids"]) == 1)
     (t,) = tok(word, add_special_tokens=False)["input_ids"]
-    got = poems.answer_likelihood(d, tok, ids, [line, line, line], [word, "", word], "previous", 4)
+    got = poems.answer_likelihood(d, tok, ids, [line, line, line], [word, "", word], "previous", 4, boundary_slots=0)
     canvas = torch.tensor([completion_canvas(tok, ids, line, "previous", 1)])  # EOS [MASK] sep line EOS
     with torch.no_grad():
         logp = torch.log_softmax(tiny_mdm.model(canvas).logits[0, 1], -1)
     assert got[0] == pytest.approx(float(logp[t]), abs=1e-5) and got[2] == got[0]
     assert got[1] == float("-inf")
+
+
+def test_answer_likelihood_counts_the_line_boundary_as_one_more_token(tiny_mdm):
+    """With boundary slots the score is (ELBO of the n answer tokens + the boundary's log-probability) / (n + 1);
+    a one-token answer: (log p(token) + boundary) / 2 exactly."""
+    tok, ids, d = tiny_mdm.tokenizer, tiny_mdm.ids, TorchDenoiser(tiny_mdm.model)
+    line = "Shall I compare thee"
+    word = next(w for w in ("I", "a", "O", "A") if len(tok(w, add_special_tokens=False)["input_ids"]) == 1)
+    answers = [word, "thou art more lovely", ""]
+    n = torch.tensor([len(tok(a, add_special_tokens=False)["input_ids"]) for a in answers[:2]])
+    for direction in poems.DIRECTIONS:
+        alone = poems.answer_likelihood(d, tok, ids, [line] * 3, answers, direction, 4, boundary_slots=0)
+        both = poems.answer_likelihood(d, tok, ids, [line] * 3, answers, direction, 4, boundary_slots=2)
+        edge = poems.line_boundary(d, tok, ids, [line] * 2, [tok(a, add_special_tokens=False)["input_ids"]
+                                                             for a in answers[:2]], direction, 2)
+        assert torch.allclose(both[:2], (alone[:2] * n + edge) / (n + 1), atol=1e-5)
+        assert both[2] == alone[2] == float("-inf")
+    assert poems.Decoding().to_json()["boundary_slots"] == poems.BOUNDARY_SLOTS > 0  # part of a stored key
+    with pytest.raises(ValueError, match="boundary_slots must be >= 0"):
+        poems.completion_steps(d, tok, ids, [line], "next", range(2, 4), boundary_slots=-1)
+
+
+def test_line_boundary_reads_the_mask_touching_the_answer(tiny_mdm):
+    """Previous: [MASK x k] answer sep line EOS, read at column k - 1; next: EOS line sep answer [MASK x k],
+    read at the first mask; the log of the summed probabilities of EOS and the separator. Rows of other
+    lengths in the same batch (padded on either side) change nothing."""
+    tok, ids, d = tiny_mdm.tokenizer, tiny_mdm.ids, TorchDenoiser(tiny_mdm.model)
+    enc = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    lines = ["Shall I compare thee", "Thou art more lovely and more temperate"]
+    answers = [enc("to a summer's day"), enc("Rough winds")]
+    ends = [ids.eos, *enc("\n")]
+    for direction, k in (("previous", 3), ("next", 3), ("next", 1)):
+        got = poems.line_boundary(d, tok, ids, lines, answers, direction, k)
+        for r, (line, answer) in enumerate(zip(lines, answers)):
+            if direction == "previous":
+                row, col = [ids.mask] * k + answer + enc("\n") + enc(line) + [ids.eos], k - 1
+            else:
+                row = [ids.eos] + enc(line) + enc("\n") + answer + [ids.mask] * k
+                col = len(row) - k
+            with torch.no_grad():
+                logp = torch.log_softmax(tiny_mdm.model(torch.tensor([row])).logits[0, col].float(), -1)
+            assert float(got[r]) == pytest.approx(float(logp[ends].logsumexp(0)), abs=1e-4)
+            alone = poems.line_boundary(d, tok, ids, [line], [answer], direction, k)
+            assert float(alone[0]) == pytest.approx(float(got[r]), abs=1e-4)
+    with pytest.raises(ValueError, match="non-empty answer"):
+        poems.line_boundary(d, tok, ids, lines, [answers[0], []], "next")
 
 
 def test_arm_completion_of_previous_cannot_see_the_line_after_its_gap(tiny_arm):
