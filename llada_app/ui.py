@@ -453,8 +453,8 @@ def poem_tab(studio: Studio, results: list[poems.EvalResult], note: str, model_l
 
     held = [r for r in results if r.split == "heldout"]
     with gr.Accordion("Held-out evaluation: both protocols × both directions × both models", open=True):
-        eval_note = gr.Markdown(("Stored with the models (computed by their training run, for these weights "
-                                 "and settings). " if held else "") + note, elem_id="eval-note")
+        eval_note = gr.Markdown(("Stored with the models (computed by their training run or `poems eval --store`, "
+                                 "for these weights and settings). " if held else "") + note, elem_id="eval-note")
         with gr.Row():
             run = gr.Button("Run the evaluation again" if held else "Run the held-out evaluation", elem_id="eval-run")
             stop_eval = gr.Button("Stop", variant="stop", scale=0, min_width=70, elem_id="eval-stop")
