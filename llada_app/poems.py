@@ -652,9 +652,9 @@ def main(argv: list[str] | None = None) -> None:
                         "in a gap of its own length), whose mean per token is added to the candidate's mean "
                         f"log-confidence before the best is kept (default {LIKELIHOOD_SAMPLES}; 0: confidence alone)")
     p.add_argument("--boundary-slots", type=int, default=BOUNDARY_SLOTS, metavar="N",
-                   help="completion, MDM: that likelihood counts one token more, the line boundary, read at the first "
-                        f"of N masks put beyond the answer in place of the rest of the text (default {BOUNDARY_SLOTS}; "
-                        "0: the answer's tokens alone)")
+                   help="completion, MDM: the answer's likelihood (above) counts one token more, the line boundary, read "
+                        "at the first of N masks put beyond the answer in place of the rest of the text (default "
+                        f"{BOUNDARY_SLOTS}; 0: the answer's tokens alone)")
     p.add_argument("--multiturn", action="store_true", help="chat: also ask the follow-up question")
     p.add_argument("--store", action="store_true",
                    help=f"write the results into each model folder ({EVALUATION}), where the page shows them")
