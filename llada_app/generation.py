@@ -465,14 +465,16 @@ def generate(denoiser: Denoiser, prompt_ids: torch.Tensor, attention_mask: torch
 
 def length_search_steps(denoiser: Denoiser, prompt_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                         config: GenerationConfig | None = None, lengths: Sequence[int] = (), *, mask_id: int,
-                        eos_id: int, eot_id: int | None = None) -> Iterator[Step]:
+                        eos_id: int, eot_id: int | None = None,
+                        rescore: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Iterator[Step]:
     """Variable-length answers: decode every candidate length at once and keep, per row, the best answer.
 
     A fixed gen length leaves the answer's length to the sampler, and low-confidence remasking tends
     to commit the end-of-answer padding first, before the content (an answer can even come out empty).
     Here each candidate length L fixes the stop token (EoT, else EOS) at answer slot L and EOS after
     it, and the sampler fills slots 0..L-1; `candidate_steps` decodes the candidates side by side and
-    keeps the most confident.
+    keeps the most confident (plus `rescore` of the finished rows, as there; row k * B + b holds the
+    k-th shortest length).
     """
     config = config or GenerationConfig()
     G = config.gen_length
@@ -495,7 +497,7 @@ def length_search_steps(denoiser: Denoiser, prompt_ids: torch.Tensor, attention_
         x[k * B:(k + 1) * B, P + L + 1:] = eos_id
     attn = _full_mask(None if attention_mask is None else attention_mask.repeat(K, 1), G)
     return candidate_steps(denoiser, x, attn, K, config, prompt_length=P, mask_id=mask_id, eos_id=eos_id,
-                           eot_id=eot_id)
+                           eot_id=eot_id, rescore=rescore)
 
 
 def candidate_steps(denoiser: Denoiser, canvases: torch.Tensor, attention_mask: torch.Tensor | None,

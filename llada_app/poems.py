@@ -8,7 +8,8 @@ after normalising case, whitespace and punctuation. Two protocols ask the same t
   The given line is fixed; the gap's length is searched (`generation.candidate_steps`; the kept
   length: confidence + the likelihood of its answer, `completion_steps`). A causal
   model decodes the same canvas left to right, so for "previous" its gap cannot see the line after it.
-- `chat`: the question through the chat template (the LLaDA paper's form, for instruction models).
+- `chat`: the question through the chat template (the LLaDA paper's form, for instruction models);
+  a masked-diffusion model's answer length is searched and kept by the same two counts (`chat_steps`).
 
 The sonnets held out of SFT were only ever read in reading order during pre-training, so an
 autoregressive model can say their next line but not their previous one (the reversal curse).
@@ -33,10 +34,13 @@ from .data import DEFAULT_N_SONNETS, SONNETS_FILE, Sonnet, followup_question, lo
 PROTOCOLS = ("completion", "chat")
 DIRECTIONS = ("next", "previous")
 SPLITS = ("heldout", "train")
-LIKELIHOOD_SAMPLES = 32  # completion: masked samples of the ELBO that re-scores each candidate's answer text
+LIKELIHOOD_SAMPLES = 32  # MDM searches: masked samples of the ELBO that re-scores each candidate's answer text
 BOUNDARY_SLOTS = 3  # completion: masks beyond an answer, where its likelihood reads the line boundary (`line_boundary`)
 GEN_LENGTH = 32  # chat: answer slots (= block length = steps) of a model that does not say its own
 EVALUATION = "evaluation.json"  # the stored evaluation in a model folder (see `store_evaluation`)
+# What the `Decoding` settings do not show: raised when the score that keeps a candidate changes, so that
+# evaluations stored under the older rule are refused as stale. 2: the chat search's likelihood.
+SCORING_VERSION = 2
 
 # Figures quoted from the LLaDA paper (Nie et al. 2025, Table 4: 496 Chinese couplets, chat protocol,
 # forward / reversal exact match). Shown beside measured ones, always labelled as quoted.
@@ -152,7 +156,7 @@ class Decoding:
     block_length: int | None = None  # chat, MDM: semi-autoregressive blocks (None: one block, as in the paper)
     lengths: range | None = None  # MDM candidate answer lengths; chat: None lets gen_length decide,
     # completion: the gap lengths searched (None: 1 .. gen_length - 1)
-    likelihood_samples: int = LIKELIHOOD_SAMPLES  # completion, MDM: ELBO samples per candidate answer (0: off)
+    likelihood_samples: int = LIKELIHOOD_SAMPLES  # MDM, either protocol's search: ELBO samples per candidate (0: off)
     boundary_slots: int = BOUNDARY_SLOTS  # completion, MDM: that likelihood counts the line boundary (0: off)
 
     @classmethod
@@ -275,6 +279,38 @@ def completion_steps(denoiser, tokenizer, ids, lines: Sequence[str], direction: 
                                      likelihood_samples, boundary_slots).to(final.device)
     return candidate_steps(denoiser, canvases, attn, len(lengths), completion_config(canvases.shape[1]),
                            prompt_length=1, mask_id=ids.mask, eos_id=ids.eos, eot_id=ids.eot, rescore=rescore)
+
+
+def chat_steps(denoiser, ids, prompt_ids: torch.Tensor, attention_mask: torch.Tensor | None, config,
+               lengths: Sequence[int], likelihood_samples: int = LIKELIHOOD_SAMPLES):
+    """The masked-diffusion side of the chat protocol: the answer-length search
+    (generation.length_search_steps) over prompt_ids [B, P] (left-padded; attention_mask [B, P] or None).
+
+    The kept length has the best mean log-confidence of its revealed tokens plus (likelihood_samples > 0)
+    the mean log-likelihood per token of its answer slots in the finished canvas (the question before
+    them, the stop token after: `likelihood.gap_log_likelihood`, seed 0), as the completion protocol keeps
+    its gap: chosen on the SFT sonnets' pairs, where it beat the confidence alone on both directions.
+    """
+    from .generation import length_search_steps
+    from .likelihood import gap_log_likelihood
+
+    if likelihood_samples < 0:
+        raise ValueError(f"likelihood_samples must be >= 0, got {likelihood_samples}")
+    rescore = None
+    if likelihood_samples:
+        (B, P), ordered = prompt_ids.shape, sorted(lengths)
+
+        def rescore(final: torch.Tensor) -> torch.Tensor:  # [K * B, P + G]; row k * B + b: length ordered[k]
+            n = torch.tensor(ordered).repeat_interleave(B)  # [K * B] answer slots per row
+            col = torch.arange(final.shape[1]) - P  # [P + G] each column's answer slot (< 0: the prompt)
+            slots = (col >= 0) & (col[None] < n[:, None])  # [K * B, P + G]
+            attn = None if attention_mask is None else torch.cat(  # the prompt's padding, then the answer
+                [attention_mask.cpu().long().repeat(len(ordered), 1), torch.ones_like(final.cpu()[:, P:])], 1)
+            total = gap_log_likelihood(denoiser, final.cpu(), slots, attn, mask_id=ids.mask,
+                                       mc_num=likelihood_samples, seed=0)
+            return (total / n).to(final.device)
+    return length_search_steps(denoiser, prompt_ids, attention_mask, config, lengths, mask_id=ids.mask,
+                               eos_id=ids.eos, eot_id=ids.eot, rescore=rescore)
 
 
 def answer_likelihood(denoiser, tokenizer, ids, lines: Sequence[str], answers: Sequence[str], direction: str,
@@ -412,10 +448,16 @@ class Answerer:
         from .generation import generate_answers, pad_prompts
         from .tokenization import chat_prompt_ids, decode_answer
 
-        tok, ids = self.loaded.tokenizer, self.loaded.ids
+        tok, ids, d = self.loaded.tokenizer, self.loaded.ids, self.decoding
         x, attn = pad_prompts([chat_prompt_ids(tok, c) for c in conversations], ids.pad)  # [B, P], left-padded
-        seq = generate_answers(self.denoiser, x, attn, ids, config=None if self.causal else self.chat_config(),
-                               lengths=self.decoding.lengths, max_new_tokens=self.decoding.gen_length)
+        if d.lengths and not self.causal:
+            final = None
+            for final in chat_steps(self.denoiser, ids, x, attn, self.chat_config(), d.lengths, d.likelihood_samples):
+                pass
+            seq = final.ids
+        else:
+            seq = generate_answers(self.denoiser, x, attn, ids, config=None if self.causal else self.chat_config(),
+                                   max_new_tokens=d.gen_length)
         return [decode_answer(tok, row, ids) for row in seq[:, x.shape[1]:].tolist()]
 
     def complete(self, lines: list[str], direction: str, progress: Callable[[float], None] = lambda f: None) -> list[str]:
@@ -562,7 +604,8 @@ def evaluate_all(loaded, corpus: PoemCorpus, *, protocols: Sequence[str] = PROTO
 
 def evaluation_key(loaded, decoding: Decoding, limits: dict, multiturn: bool = False) -> dict:
     """What a stored evaluation must have been computed with to stand for this model today."""
-    return dict(fingerprint=loaded.fingerprint, decoding=decoding.to_json(), limits=limits, multiturn=multiturn)
+    return dict(fingerprint=loaded.fingerprint, decoding=decoding.to_json(), scoring=SCORING_VERSION, limits=limits,
+                multiturn=multiturn)
 
 
 def store_evaluation(folder: str | Path, key: dict, results: list[EvalResult]) -> Path:
@@ -648,9 +691,10 @@ def main(argv: list[str] | None = None) -> None:
                    help="MDM candidate answer lengths in tokens, each decoded, the best kept (default: the "
                         "line lengths of a model's SFT sonnets; none: chat decodes the gen length, completion 1..31)")
     p.add_argument("--likelihood-samples", type=int, default=LIKELIHOOD_SAMPLES, metavar="N",
-                   help="completion, MDM: masked samples of the likelihood of each candidate's answer text (re-read "
-                        "in a gap of its own length), whose mean per token is added to the candidate's mean "
-                        f"log-confidence before the best is kept (default {LIKELIHOOD_SAMPLES}; 0: confidence alone)")
+                   help="MDM, either protocol's search: masked samples of the likelihood of each candidate's answer "
+                        "(completion: its text re-read in a gap of its own length; chat: its slots before the stop "
+                        "token), whose mean per token is added to the candidate's mean log-confidence before the "
+                        f"best is kept (default {LIKELIHOOD_SAMPLES}; 0: confidence alone)")
     p.add_argument("--boundary-slots", type=int, default=BOUNDARY_SLOTS, metavar="N",
                    help="completion, MDM: the answer's likelihood (above) counts one token more, the line boundary, read "
                         "at the first of N masks put beyond the answer in place of the rest of the text (default "

@@ -66,7 +66,7 @@ class ChatSettings:
     animate: bool = True  # False: show only the finished answer
     pace_ms: float = 0.0  # animation only: at least this long between two steps (0: as fast as the model)
     constraints: str = ""  # forced words "position:word, ..." (answer positions, e.g. "0:Shall, 5:summer")
-    lengths: str = ""  # length search "MIN:MAX": decode every answer length in tokens, keep the most confident
+    lengths: str = ""  # length search "MIN:MAX": decode every answer length in tokens, keep the best (poems.chat_steps)
     seed: int | None = None  # for temperature > 0 / random remasking
 
 
@@ -449,24 +449,25 @@ class Studio:
     def _stream_mdm_chat(self, prompt: list[int], settings: ChatSettings,
                          should_stop: Callable[[], bool] | None = None, note: str = "",
                          denoiser: Denoiser | None = None) -> Iterator[Frame]:
-        from .generation import initial_sequence, length_search_steps, sample_steps
+        """A length search keeps its candidate as the poem task's chat protocol does (`poems.chat_steps`)."""
+        from .generation import initial_sequence, sample_steps
 
         denoiser = denoiser or self.current_denoiser()  # kept for the whole request, whatever the Export tab does
         config = self._generation_config(settings, denoiser, len(prompt))
         ids = self.mdm.ids
         prompt_ids = torch.tensor([prompt], dtype=torch.long, device=denoiser.device)  # [1, P]
-        lengths = self._lengths(settings)
+        lengths, samples = self._lengths(settings), self.decoding.likelihood_samples
         try:
             if lengths:
-                steps = length_search_steps(denoiser, prompt_ids, None, config, lengths, mask_id=ids.mask,
-                                            eos_id=ids.eos, eot_id=ids.eot)
+                steps = poems.chat_steps(denoiser, ids, prompt_ids, None, config, lengths, samples)
             else:
                 steps = sample_steps(denoiser, prompt_ids, None, config, mask_id=ids.mask, eos_id=ids.eos,
                                      eot_id=ids.eot)
         except ValueError as e:
             raise RequestError(f"length search: {e}" if lengths else str(e)) from None
         blank = initial_sequence(prompt_ids, config, ids.mask)[0, len(prompt):].tolist()  # masks + forced words
-        note = (f" · length search {lengths.start}–{lengths.stop - 1} tokens" if lengths else "") + note
+        kept = " (kept: confidence + likelihood)" if samples else ""
+        note = (f" · length search {lengths.start}–{lengths.stop - 1} tokens{kept}" if lengths else "") + note
         return self._frames(steps, self.mdm, denoiser.name, settings, _View(blank, self._chat_answer(self.mdm)),
                             should_stop, note)
 

@@ -373,8 +373,8 @@ def chat_tab(studio: Studio, results: list[poems.EvalResult], model_limit: dict)
                                                      info="position:word pairs forced into the answer")
                 controls["lengths"] = gr.Textbox(defaults.lengths, label="Length search (answer lengths)",
                                                  placeholder="8:24", elem_id="chat-lengths",
-                                                 info="MIN:MAX tokens: decode each length, keep the most "
-                                                      "confident; empty: the gen length decides")
+                                                 info="MIN:MAX tokens: decode each length, keep the best "
+                                                      "(confidence + likelihood); empty: the gen length decides")
             gr.HTML(LEGEND)
     with gr.Accordion("Race: the same question, two decoders side by side", open=False):
         with gr.Row():

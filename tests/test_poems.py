@@ -155,6 +155,54 @@ def test_completion_keeps_confidence_plus_the_likelihood_of_the_answer_text(tiny
         poems.completion_steps(d, tok, ids, lines, "next", lengths, likelihood_samples=-1)
 
 
+def test_chat_search_keeps_confidence_plus_the_likelihood_of_the_answer(tiny_mdm):
+    """The chat protocol's length search: the kept length maximises the mean log-confidence + the mean ELBO per
+    token of its answer slots (the prompt before them, the stop token after), both recomputed here from one
+    decoding per length, each row alone; without samples it is the plain length search."""
+    from llada_app.generation import GenerationConfig, length_search_steps, pad_prompts
+    from llada_app.likelihood import gap_log_likelihood
+    from llada_app.tokenization import chat_prompt_ids
+
+    tok, ids, d = tiny_mdm.tokenizer, tiny_mdm.ids, TorchDenoiser(tiny_mdm.model)
+    kw = dict(mask_id=ids.mask, eos_id=ids.eos, eot_id=ids.eot)
+    lines = ["From fairest creatures we desire increase,", "Shall I compare thee"]
+    x, attn = pad_prompts([chat_prompt_ids(tok, [{"role": "user", "content": question(line, "next")}])
+                           for line in lines], ids.pad)  # [2, P], the shorter prompt left-padded
+    assert attn is not None and not attn.all()
+    config, lengths, P = GenerationConfig(gen_length=8, block_length=8, steps=8), range(2, 6), x.shape[1]
+    kept = list(poems.chat_steps(d, ids, x, attn, config, lengths, likelihood_samples=8))[-1]
+    for b in range(len(lines)):
+        scores, rows = [], []
+        for L in lengths:
+            run = list(length_search_steps(d, x[b:b + 1], attn[b:b + 1], config, [L], **kw))
+            conf = float(sum(s.confidence[0][s.revealed[0]].log().sum() for s in run[:-1])) / L
+            row = run[-1].ids[0]
+            slots = torch.zeros_like(row, dtype=torch.bool)
+            slots[P:P + L] = True
+            full = torch.cat([attn[b], torch.ones(config.gen_length, dtype=torch.long)])
+            elbo = float(gap_log_likelihood(d, row[None], slots[None], full[None], mask_id=ids.mask, mc_num=8, seed=0))
+            scores.append(conf + elbo / L)
+            rows.append(row)
+        assert torch.equal(kept.ids[b], rows[max(range(len(scores)), key=scores.__getitem__)])
+    plain = list(length_search_steps(d, x, attn, config, lengths, **kw))[-1]
+    assert torch.equal(list(poems.chat_steps(d, ids, x, attn, config, lengths, likelihood_samples=0))[-1].ids, plain.ids)
+    with pytest.raises(ValueError, match="likelihood_samples must be >= 0"):
+        poems.chat_steps(d, ids, x, attn, config, lengths, likelihood_samples=-1)
+
+
+def test_chat_search_with_the_likelihood_answers_where_the_confidence_kept_an_empty_answer():
+    """The bundled MDM, held-out sonnet 27, next line: the most confident length decodes an empty answer
+    (its slots filled with the end of text); with the likelihood the right line is kept."""
+    mdm = load_model(BUNDLED_MODELS / "sonnets-mdm", device="cpu")
+    corpus = PoemCorpus.for_card(mdm.card)
+    decoding = Decoding.for_model(mdm.card, corpus, mdm.tokenizer)
+    right = "But then begins a journey in my head"
+    given = next(a for a, b in poems.line_pairs(corpus.split("heldout")) if b == right)
+    conversation = [[{"role": "user", "content": question(given, "next")}]]
+    assert poems.Answerer(mdm, replace(decoding, likelihood_samples=0)).chat(conversation) == [""]
+    assert poems.Answerer(mdm, decoding).chat(conversation) == [right]
+
+
 def test_answer_likelihood_reads_the_answer_in_its_own_canvas(tiny_mdm):
     """A one-token answer: every sample masks it, so the estimate (the answer's tokens alone, no boundary) is
     log p(token) in the canvas whose gap is that one token, exactly; an empty answer scores -inf."""
@@ -363,6 +411,7 @@ def test_length_search_answers_the_bundled_mdm_in_whole_lines():
     corpus = PoemCorpus.for_card(mdm.card)
     search = Decoding.for_model(mdm.card, corpus, mdm.tokenizer)
     assert search.lengths == corpus.line_lengths(mdm.tokenizer)
+    search = replace(search, likelihood_samples=0)  # the length search alone (its likelihood: tested above)
     plain = evaluate(mdm, corpus, "train", "chat", decoding=replace(search, lengths=None), limit=20)
     searched = evaluate(mdm, corpus, "train", "chat", decoding=search, limit=20)
     assert searched.forward + searched.reversal > plain.forward + plain.reversal, (searched, plain)

@@ -189,12 +189,13 @@ def test_length_search_answers_within_the_lengths_and_refuses_bad_ones(studio, s
     frames = list(studio.stream_chat([], "hello", ChatSettings(**FAST, lengths="6:8")))
     assert frames[-1].done and frames[-1].nfe == 8  # candidates side by side: the longest one's passes
     assert [f.done for f in frames].count(True) == 1
-    assert all(f.stats.endswith(" · length search 6–8 tokens") for f in frames[1:])
+    kept = " (kept: confidence + likelihood)" if studio.decoding.likelihood_samples else ""  # the poem task's rule
+    assert all(f.stats.endswith(f" · length search 6–8 tokens{kept}") for f in frames[1:])
     _, stats = chat(Client(server, verbose=False), "hello")  # the page's and the API's default
     if studio.mdm.card.answer_slots:  # a model trained here: both tabs search its SFT line lengths by default
         r = studio.corpus.line_lengths(studio.mdm.tokenizer)
         assert studio.answer_lengths == studio.default_settings().lengths == f"{r.start}:{r.stop - 1}"
-        assert stats.endswith(f" · length search {r.start}–{r.stop - 1} tokens")
+        assert stats.endswith(f" · length search {r.start}–{r.stop - 1} tokens{kept}")
     else:
         assert studio.answer_lengths == studio.default_settings().lengths == ""
         assert "length search" not in stats
