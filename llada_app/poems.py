@@ -301,13 +301,14 @@ def chat_steps(denoiser, ids, prompt_ids: torch.Tensor, attention_mask: torch.Te
         (B, P), ordered = prompt_ids.shape, sorted(lengths)
 
         def rescore(final: torch.Tensor) -> torch.Tensor:  # [K * B, P + G]; row k * B + b: length ordered[k]
+            rows = final.cpu()  # the likelihood samples its masks on the CPU
             n = torch.tensor(ordered).repeat_interleave(B)  # [K * B] answer slots per row
-            col = torch.arange(final.shape[1]) - P  # [P + G] each column's answer slot (< 0: the prompt)
+            col = torch.arange(rows.shape[1]) - P  # [P + G] each column's answer slot (< 0: the prompt)
             slots = (col >= 0) & (col[None] < n[:, None])  # [K * B, P + G]
             attn = None if attention_mask is None else torch.cat(  # the prompt's padding, then the answer
-                [attention_mask.cpu().long().repeat(len(ordered), 1), torch.ones_like(final.cpu()[:, P:])], 1)
-            total = gap_log_likelihood(denoiser, final.cpu(), slots, attn, mask_id=ids.mask,
-                                       mc_num=likelihood_samples, seed=0)
+                [attention_mask.cpu().long().repeat(len(ordered), 1), torch.ones_like(rows[:, P:])], 1)
+            total = gap_log_likelihood(denoiser, rows, slots, attn, mask_id=ids.mask, mc_num=likelihood_samples,
+                                       seed=0)
             return (total / n).to(final.device)
     return length_search_steps(denoiser, prompt_ids, attention_mask, config, lengths, mask_id=ids.mask,
                                eos_id=ids.eos, eot_id=ids.eot, rescore=rescore)
