@@ -53,6 +53,9 @@ class Stopped(Exception):
     """The person pressed Stop: the stream ended between two steps, nothing is left running."""
 
 
+_KEPT = " (kept: confidence + likelihood)"  # a search's stats note when the likelihood re-scores its candidates
+
+
 @dataclass
 class ChatSettings:
     gen_length: int = 64  # answer canvas in tokens (masks at the start)
@@ -466,7 +469,7 @@ class Studio:
         except ValueError as e:
             raise RequestError(f"length search: {e}" if lengths else str(e)) from None
         blank = initial_sequence(prompt_ids, config, ids.mask)[0, len(prompt):].tolist()  # masks + forced words
-        kept = " (kept: confidence + likelihood)" if samples else ""
+        kept = _KEPT if samples else ""
         note = (f" · length search {lengths.start}–{lengths.stop - 1} tokens{kept}" if lengths else "") + note
         return self._frames(steps, self.mdm, denoiser.name, settings, _View(blank, self._chat_answer(self.mdm)),
                             should_stop, note)
@@ -486,7 +489,7 @@ class Studio:
             raise RequestError(str(e)) from None
         blank = poems.completion_canvas(tok, ids, line, direction, min(lengths))[1:]
         view = _View(blank, lambda tokens, canvas: poems.gap_text(tok, ids, tokens, canvas, line))
-        kept = " (kept: confidence + likelihood)" if self.decoding.likelihood_samples else ""
+        kept = _KEPT if self.decoding.likelihood_samples else ""
         note = f" · gap length searched {lengths.start}–{lengths.stop - 1} tokens{kept} · {model.name}"
         return self._frames(steps, model, denoiser.name, settings, view, should_stop, note)
 
