@@ -7,7 +7,7 @@
     python -m llada_app.bench --backend onnx --json
 
 For each mode (vanilla with steps = gen length, threshold, prefix cache, dual cache, threshold +
-prefix, threshold + dual; with --lengths, a length search on vanilla's schedule) it decodes the
+prefix, threshold + dual; with --lengths, the page's length search on vanilla's schedule) it decodes the
 same chat prompts and reports the forward passes (NFE), the wall time (median of --repeats after a
 warm-up), tokens/s (answer slots decoded per second), the speed-up over vanilla, how often the
 output agrees with vanilla's, the poem task accuracy when the prompts have known answers, and the
@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from .generation import GenerationConfig, format_lengths, generate_answers, pad_prompts, parse_lengths
 from .loading import DEFAULT_ARM, DEFAULT_MODEL, LoadedModel, ModelCard
 from .modeling import SHAPES
+from .poems import LIKELIHOOD_SAMPLES, chat_steps
 from .tokenization import answer_tokens, chat_prompt_ids, decode_answer
 
 GENERIC_QUESTIONS = [
@@ -199,6 +200,7 @@ class Job:
     config: GenerationConfig | None
     ids: object  # SpecialIds of the job's model
     lengths: range | None = None  # candidate answer lengths of a length search
+    likelihood_samples: int = 0  # the length search's likelihood re-scoring (poems.chat_steps; 0: confidence alone)
     runs: list = field(default_factory=list)  # (wall s, cpu s, denoiser s, nfe per batch) per timed run
     outs: list = field(default_factory=list)  # answer slots per batch, from the last run
 
@@ -208,8 +210,12 @@ class Job:
         _sync(den.device)
         t, c = time.perf_counter(), time.process_time()
         for prompt, attn in self.batches:
-            seq = generate_answers(den, prompt, attn, ids, config=self.config, lengths=self.lengths,
-                                   max_new_tokens=max_new_tokens)
+            if self.lengths:  # the page's length search: poems.chat_steps
+                for final in chat_steps(den, ids, prompt, attn, self.config, self.lengths, self.likelihood_samples):
+                    pass
+                seq = final.ids
+            else:
+                seq = generate_answers(den, prompt, attn, ids, config=self.config, max_new_tokens=max_new_tokens)
             outs.append(seq[:, prompt.shape[1]:])
         _sync(den.device)
         wall, cpu = time.perf_counter() - t, time.process_time() - c
@@ -304,7 +310,7 @@ def run_bench(args) -> dict:
                  for mode in modes if configs[mode].cache != "prefix"]
     if args.lengths:
         jobs.append(Job("length-search", denoiser, batches, configs["vanilla"], loaded.ids,
-                        lengths=args.lengths))
+                        lengths=args.lengths, likelihood_samples=args.likelihood_samples))
     if arm:
         jobs.append(Job("arm (KV cache)", arm[0], batches_for(arm[1]), None, arm[1].ids))
     measure(jobs, args.repeats, args.warmup, G, progress=not args.json and sys.stderr.isatty())
@@ -327,7 +333,7 @@ def run_bench(args) -> dict:
                          agree_answers=sum(a == b for a, b in zip(toks, vanilla_toks)) / n,
                          config={k: v for k, v in asdict(job.config).items() if v not in (None, False)})
             if job.lengths:
-                extra["config"]["lengths"] = format_lengths(job.lengths)
+                extra["config"].update(lengths=format_lengths(job.lengths), likelihood_samples=job.likelihood_samples)
         rows.append(Row(job.name, nfe, wall, wall / n, produced / wall, cpu_s=cpu, accuracy=_accuracy(texts, prompts),
                         **(dict(denoiser_s=den, ms_per_forward=1e3 * den / (nfe * len(job.batches)),
                                 overhead_pct=100 * (wall - den) / wall) if den == den else  # NaN: not timed (GPU)
@@ -472,7 +478,10 @@ def parse_args(argv=None):
     p.add_argument("--threshold", type=float, default=0.9, help="tau of the threshold modes")
     p.add_argument("--modes", nargs="+", help="subset of modes (vanilla is always run: it is the reference)")
     p.add_argument("--lengths", type=_lengths, metavar="MIN:MAX",
-                   help="also a length search over these answer lengths in tokens (vanilla's schedule)")
+                   help="also a length search over these answer lengths in tokens (vanilla's schedule), kept "
+                        "as the page keeps it: confidence + the likelihood of the answer")
+    p.add_argument("--likelihood-samples", type=int, default=LIKELIHOOD_SAMPLES,
+                   help="samples of the length search's likelihood re-scoring (0: keep by confidence alone)")
     p.add_argument("--prompts", type=int, default=8, help="number of chat prompts")
     p.add_argument("--split", choices=["heldout", "train"], default="heldout",
                    help="sonnets the poem questions are drawn from (heldout: kept out of SFT)")
@@ -498,8 +507,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    if args.repeats < 1 or args.warmup < 0 or args.prompts < 1 or args.batch_size < 1:
-        raise SystemExit("--repeats, --prompts and --batch-size must be >= 1, --warmup >= 0")
+    if args.repeats < 1 or args.warmup < 0 or args.prompts < 1 or args.batch_size < 1 or args.likelihood_samples < 0:
+        raise SystemExit("--repeats, --prompts and --batch-size must be >= 1, --warmup and --likelihood-samples >= 0")
     from .backends import OnnxBackendError
     from .loading import ModelLoadError
 

@@ -27,6 +27,8 @@ import torch
 from .backends import Denoiser
 
 REMASKING = ("low_confidence", "random")
+# A search's second opinion: (final ids [N, L] of some candidate rows, those rows [N]) -> a score [N] each.
+Rescore = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 CACHE_MODES = ("none", "prefix", "dual")
 
 
@@ -465,8 +467,8 @@ def generate(denoiser: Denoiser, prompt_ids: torch.Tensor, attention_mask: torch
 
 def length_search_steps(denoiser: Denoiser, prompt_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                         config: GenerationConfig | None = None, lengths: Sequence[int] = (), *, mask_id: int,
-                        eos_id: int, eot_id: int | None = None,
-                        rescore: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Iterator[Step]:
+                        eos_id: int, eot_id: int | None = None, rescore: Rescore | None = None,
+                        rescore_top: int = 0) -> Iterator[Step]:
     """Variable-length answers: decode every candidate length at once and keep, per row, the best answer.
 
     A fixed gen length leaves the answer's length to the sampler, and low-confidence remasking tends
@@ -497,13 +499,13 @@ def length_search_steps(denoiser: Denoiser, prompt_ids: torch.Tensor, attention_
         x[k * B:(k + 1) * B, P + L + 1:] = eos_id
     attn = _full_mask(None if attention_mask is None else attention_mask.repeat(K, 1), G)
     return candidate_steps(denoiser, x, attn, K, config, prompt_length=P, mask_id=mask_id, eos_id=eos_id,
-                           eot_id=eot_id, rescore=rescore)
+                           eot_id=eot_id, rescore=rescore, rescore_top=rescore_top)
 
 
 def candidate_steps(denoiser: Denoiser, canvases: torch.Tensor, attention_mask: torch.Tensor | None,
                     n_candidates: int, config: GenerationConfig, *, prompt_length: int, mask_id: int,
-                    eos_id: int, eot_id: int | None = None,
-                    rescore: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Iterator[Step]:
+                    eos_id: int, eot_id: int | None = None, rescore: Rescore | None = None,
+                    rescore_top: int = 0) -> Iterator[Step]:
     """Denoise K candidate canvases per prompt side by side; keep, per prompt, the most confident.
 
     canvases [K * B, P + G]: row k * B + b is candidate k of prompt b (a length search: one answer
@@ -517,9 +519,13 @@ def candidate_steps(denoiser: Denoiser, canvases: torch.Tensor, attention_mask: 
     highest mean log-confidence (ties: the earlier candidate). Every step shows, per prompt, the candidate
     leading so far (never done, its `canvas` the candidate's); the last step (done) holds the kept ones.
 
-    `rescore` (final ids [K * B, L] -> [K * B]) adds a second opinion to each candidate's score once
-    every candidate is filled (the completion protocol: the likelihood of its answer text).
+    `rescore(final ids [N, L], rows [N]) -> [N]` adds a second opinion to the score of the candidates
+    `rows` (each k * B + b) once every candidate is filled (the completion protocol: the likelihood of its
+    answer text): of each prompt's `rescore_top` most confident candidates (0: of all); the others
+    are out of the running.
     """
+    if rescore_top < 0:
+        raise ValueError(f"rescore_top must be >= 0 (0: every candidate), got {rescore_top}")
     if not 1 <= n_candidates <= MAX_CANDIDATES:
         raise ValueError(f"a search takes 1 to {MAX_CANDIDATES} candidates per prompt, got {n_candidates}")
     if canvases.dim() != 2 or canvases.shape[0] % n_candidates:
@@ -537,13 +543,14 @@ def candidate_steps(denoiser: Denoiser, canvases: torch.Tensor, attention_mask: 
     if bool((x[:, :P] == mask_id).any()):
         raise ValueError("the prompt part of a canvas cannot hold the mask token")
     return _search(_sample(denoiser, x.clone(), P, attention_mask, config, mask_id, eos_id, eot_id), x, P,
-                   n_candidates, rescore)
+                   n_candidates, rescore, rescore_top)
 
 
-def _search(steps: Iterator[Step], x: torch.Tensor, P: int, K: int,
-            rescore: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Iterator[Step]:
-    """Score the candidate rows of a step stream; x [K * B, L]: its starting canvases. rescore(final ids)
-    -> [K * B] is added to the final scores (not to the lead shown while the stream runs)."""
+def _search(steps: Iterator[Step], x: torch.Tensor, P: int, K: int, rescore: Rescore | None = None,
+            rescore_top: int = 0) -> Iterator[Step]:
+    """Score the candidate rows of a step stream; x [K * B, L]: its starting canvases. rescore(final ids
+    of some rows, those rows) is added to the final scores of each prompt's rescore_top most confident
+    rows (0: all), the other rows drop out (not to the lead shown while the stream runs)."""
     KB, L = x.shape
     B = KB // K
     log_conf = torch.zeros(KB, device=x.device)  # [K * B] sum of the log-confidences of revealed tokens
@@ -564,7 +571,14 @@ def _search(steps: Iterator[Step], x: torch.Tensor, P: int, K: int,
     finally:
         steps.close()
     none = torch.zeros(B, L, dtype=torch.bool, device=x.device)
-    lead = best(rescore(ids) if rescore is not None and step is not None else 0.0)
+    extra = 0.0
+    if rescore is not None and step is not None:
+        top = K if rescore_top == 0 else min(rescore_top, K)
+        mean = (log_conf / count.clamp_min(1)).view(K, B)
+        picked = (mean.argsort(dim=0, descending=True, stable=True)[:top] * B + rows).flatten().sort().values  # [top * B]
+        extra = torch.full_like(log_conf, -torch.inf)
+        extra[picked] = rescore(ids[picked], picked).to(extra)
+    lead = best(extra)
     yield Step(ids=ids[lead], prompt_length=P, revealed=none, confidence=none.float(),
                step=step.step if step else 0, nfe=step.nfe if step else 0, done=True, canvas=x[lead])
 
@@ -649,15 +663,11 @@ def generate_arm(denoiser: Denoiser, prompt_ids: torch.Tensor, attention_mask: t
 
 
 def generate_answers(denoiser: Denoiser, prompt_ids: torch.Tensor, attention_mask: torch.Tensor | None, ids, *,
-                     config: GenerationConfig | None = None, lengths: Sequence[int] | None = None,
-                     max_new_tokens: int = 0) -> torch.Tensor:
-    """One call for every decoder (`ids`: the model's special ids, loading.SpecialIds) -> ids [B, P + n]:
-    config None: the autoregressive decoder (greedy, stops at EoT/EOS, at most max_new_tokens);
-    with `lengths`: the masked-diffusion length search; else the masked-diffusion sampler."""
+                     config: GenerationConfig | None = None, max_new_tokens: int = 0) -> torch.Tensor:
+    """One call for both kinds of decoder (`ids`: the model's special ids, loading.SpecialIds) -> ids [B, P + n]:
+    config None: the autoregressive decoder (greedy, stops at EoT/EOS, at most max_new_tokens); else the
+    masked-diffusion sampler."""
     if config is None:
         return generate_arm(denoiser, prompt_ids, attention_mask, max_new_tokens=max_new_tokens,
                             stop_ids=sorted({ids.eot, ids.eos}))
-    if lengths:
-        return generate_length_search(denoiser, prompt_ids, attention_mask, config, lengths, mask_id=ids.mask,
-                                      eos_id=ids.eos, eot_id=ids.eot)
     return generate(denoiser, prompt_ids, attention_mask, config, mask_id=ids.mask, eos_id=ids.eos, eot_id=ids.eot)

@@ -36,6 +36,7 @@ DIRECTIONS = ("next", "previous")
 SPLITS = ("heldout", "train")
 LIKELIHOOD_SAMPLES = 32  # MDM searches: masked samples of the ELBO that re-scores each candidate's answer text
 BOUNDARY_SLOTS = 3  # completion: masks beyond an answer, where its likelihood reads the line boundary (`line_boundary`)
+RESCORE_TOP = 8  # MDM searches: that likelihood re-scores each question's 8 most confident candidates only
 GEN_LENGTH = 32  # chat: answer slots (= block length = steps) of a model that does not say its own
 EVALUATION = "evaluation.json"  # the stored evaluation in a model folder (see `store_evaluation`)
 # What the `Decoding` settings do not show: raised when the score that keeps a candidate changes, so that
@@ -158,6 +159,7 @@ class Decoding:
     # completion: the gap lengths searched (None: 1 .. gen_length - 1)
     likelihood_samples: int = LIKELIHOOD_SAMPLES  # MDM, either protocol's search: ELBO samples per candidate (0: off)
     boundary_slots: int = BOUNDARY_SLOTS  # completion, MDM: that likelihood counts the line boundary (0: off)
+    rescore_top: int = RESCORE_TOP  # MDM searches: the candidates of best confidence that likelihood scores (0: all)
 
     @classmethod
     def for_model(cls, card, corpus: PoemCorpus | None = None, tokenizer=None) -> "Decoding":
@@ -252,7 +254,8 @@ def completion_config(width: int):
 
 
 def completion_steps(denoiser, tokenizer, ids, lines: Sequence[str], direction: str, lengths: Sequence[int],
-                     likelihood_samples: int = LIKELIHOOD_SAMPLES, boundary_slots: int = BOUNDARY_SLOTS):
+                     likelihood_samples: int = LIKELIHOOD_SAMPLES, boundary_slots: int = BOUNDARY_SLOTS,
+                     rescore_top: int = RESCORE_TOP):
     """The masked-diffusion side of the completion protocol: a Step stream (generation.candidate_steps).
 
     Each gap length is a candidate. The kept one has the best mean log-confidence of its revealed tokens
@@ -260,7 +263,8 @@ def completion_steps(denoiser, tokenizer, ids, lines: Sequence[str], direction: 
     its own (`answer_likelihood`). Confidence judges each token in the order the sampler committed it;
     the likelihood judges the finished line from every masking ratio and, with boundary_slots > 0,
     whether a line can end (next) or begin (previous) right where the answer does: the confidence alone
-    misses a gap one token short filled with the rest of the line.
+    misses a gap one token short filled with the rest of the line. The likelihood reads only the
+    `rescore_top` candidates of best confidence per line (0: all): the others are not kept.
     """
     from .generation import candidate_steps
 
@@ -271,25 +275,28 @@ def completion_steps(denoiser, tokenizer, ids, lines: Sequence[str], direction: 
     canvases, attn = completion_batch(tokenizer, ids, lines, direction, lengths)
     rescore = None
     if likelihood_samples:
-        def rescore(final: torch.Tensor) -> torch.Tensor:  # [K * B]; row k * B + b answers lines[b]
-            given = list(lines) * len(lengths)
-            answers = [gap_text(tokenizer, ids, row, canvas, line)
-                       for row, canvas, line in zip(final.tolist(), canvases.tolist(), given)]
+        def rescore(final: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:  # [N]; row k * B + b answers lines[b]
+            rows = rows.tolist()
+            given = [lines[r % len(lines)] for r in rows]
+            answers = [gap_text(tokenizer, ids, row, canvases[r].tolist(), line)
+                       for row, r, line in zip(final.tolist(), rows, given)]
             return answer_likelihood(denoiser, tokenizer, ids, given, answers, direction,
                                      likelihood_samples, boundary_slots).to(final.device)
     return candidate_steps(denoiser, canvases, attn, len(lengths), completion_config(canvases.shape[1]),
-                           prompt_length=1, mask_id=ids.mask, eos_id=ids.eos, eot_id=ids.eot, rescore=rescore)
+                           prompt_length=1, mask_id=ids.mask, eos_id=ids.eos, eot_id=ids.eot, rescore=rescore,
+                           rescore_top=rescore_top)
 
 
 def chat_steps(denoiser, ids, prompt_ids: torch.Tensor, attention_mask: torch.Tensor | None, config,
-               lengths: Sequence[int], likelihood_samples: int = LIKELIHOOD_SAMPLES):
+               lengths: Sequence[int], likelihood_samples: int = LIKELIHOOD_SAMPLES, rescore_top: int = RESCORE_TOP):
     """The masked-diffusion side of the chat protocol: the answer-length search
     (generation.length_search_steps) over prompt_ids [B, P] (left-padded; attention_mask [B, P] or None).
 
     The kept length has the best mean log-confidence of its revealed tokens plus (likelihood_samples > 0)
     the mean log-likelihood per token of its answer slots in the finished canvas (the question before
     them, the stop token after: `likelihood.gap_log_likelihood`, seed 0), as the completion protocol keeps
-    its gap: chosen on the SFT sonnets' pairs, where it beat the confidence alone on both directions.
+    its gap: chosen on the SFT sonnets' pairs, where it beat the confidence alone on both directions. As
+    there, only the `rescore_top` candidates of best confidence per question are scored (0: all).
     """
     from .generation import length_search_steps
     from .likelihood import gap_log_likelihood
@@ -300,18 +307,17 @@ def chat_steps(denoiser, ids, prompt_ids: torch.Tensor, attention_mask: torch.Te
     if likelihood_samples:
         (B, P), ordered = prompt_ids.shape, sorted(lengths)
 
-        def rescore(final: torch.Tensor) -> torch.Tensor:  # [K * B, P + G]; row k * B + b: length ordered[k]
-            rows = final.cpu()  # the likelihood samples its masks on the CPU
-            n = torch.tensor(ordered).repeat_interleave(B)  # [K * B] answer slots per row
-            col = torch.arange(rows.shape[1]) - P  # [P + G] each column's answer slot (< 0: the prompt)
-            slots = (col >= 0) & (col[None] < n[:, None])  # [K * B, P + G]
+        def rescore(final: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:  # final [N, P + G]; row k * B + b:
+            x, rows = final.cpu(), rows.cpu()  # length ordered[k]; the likelihood samples its masks on the CPU
+            n = torch.tensor(ordered)[rows // B]  # [N] answer slots per row
+            col = torch.arange(x.shape[1]) - P  # [P + G] each column's answer slot (< 0: the prompt)
+            slots = (col >= 0) & (col[None] < n[:, None])  # [N, P + G]
             attn = None if attention_mask is None else torch.cat(  # the prompt's padding, then the answer
-                [attention_mask.cpu().long().repeat(len(ordered), 1), torch.ones_like(rows[:, P:])], 1)
-            total = gap_log_likelihood(denoiser, rows, slots, attn, mask_id=ids.mask, mc_num=likelihood_samples,
-                                       seed=0)
+                [attention_mask.cpu().long()[rows % B], torch.ones_like(x[:, P:])], 1)
+            total = gap_log_likelihood(denoiser, x, slots, attn, mask_id=ids.mask, mc_num=likelihood_samples, seed=0)
             return (total / n).to(final.device)
     return length_search_steps(denoiser, prompt_ids, attention_mask, config, lengths, mask_id=ids.mask,
-                               eos_id=ids.eos, eot_id=ids.eot, rescore=rescore)
+                               eos_id=ids.eos, eot_id=ids.eot, rescore=rescore, rescore_top=rescore_top)
 
 
 def answer_likelihood(denoiser, tokenizer, ids, lines: Sequence[str], answers: Sequence[str], direction: str,
@@ -453,7 +459,8 @@ class Answerer:
         x, attn = pad_prompts([chat_prompt_ids(tok, c) for c in conversations], ids.pad)  # [B, P], left-padded
         if d.lengths and not self.causal:
             final = None
-            for final in chat_steps(self.denoiser, ids, x, attn, self.chat_config(), d.lengths, d.likelihood_samples):
+            for final in chat_steps(self.denoiser, ids, x, attn, self.chat_config(), d.lengths, d.likelihood_samples,
+                                    d.rescore_top):
                 pass
             seq = final.ids
         else:
@@ -479,8 +486,9 @@ class Answerer:
                                stop_ids=arm_stop_ids(tok, ids, lines[0]))
             return [arm_gap_text(tok, row, line) for row, line in zip(seq[:, x.shape[1]:].tolist(), lines)]
         final = None
-        for final in completion_steps(self.denoiser, tok, ids, lines, direction, lengths,
-                                      self.decoding.likelihood_samples, self.decoding.boundary_slots):
+        d = self.decoding
+        for final in completion_steps(self.denoiser, tok, ids, lines, direction, lengths, d.likelihood_samples,
+                                      d.boundary_slots, d.rescore_top):
             pass
         return [gap_text(tok, ids, row, canvas, line)
                 for row, canvas, line in zip(final.ids.tolist(), final.canvas.tolist(), lines)]
@@ -696,6 +704,9 @@ def main(argv: list[str] | None = None) -> None:
                         "(completion: its text re-read in a gap of its own length; chat: its slots before the stop "
                         "token), whose mean per token is added to the candidate's mean log-confidence before the "
                         f"best is kept (default {LIKELIHOOD_SAMPLES}; 0: confidence alone)")
+    p.add_argument("--rescore-top", type=int, default=RESCORE_TOP, metavar="N",
+                   help="MDM: that likelihood is computed for each question's N most confident candidates only, the "
+                        f"others are not kept (default {RESCORE_TOP}; 0: every candidate)")
     p.add_argument("--boundary-slots", type=int, default=BOUNDARY_SLOTS, metavar="N",
                    help="completion, MDM: the answer's likelihood (above) counts one token more, the line boundary, read "
                         "at the first of N masks put beyond the answer in place of the rest of the text (default "
@@ -712,6 +723,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--likelihood-samples must be >= 0")
     if args.boundary_slots < 0:
         parser.error("--boundary-slots must be >= 0")
+    if args.rescore_top < 0:
+        parser.error("--rescore-top must be >= 0")
 
     from tqdm import tqdm
 
@@ -733,7 +746,8 @@ def main(argv: list[str] | None = None) -> None:
             decoding = replace(decoding, block_length=args.block_length)
         if args.lengths is not ...:
             decoding = replace(decoding, lengths=args.lengths)
-        decoding = replace(decoding, likelihood_samples=args.likelihood_samples, boundary_slots=args.boundary_slots)
+        decoding = replace(decoding, likelihood_samples=args.likelihood_samples, boundary_slots=args.boundary_slots,
+                           rescore_top=args.rescore_top)
         try:
             with tqdm(total=100, desc=loaded.name, unit="%", bar_format="{l_bar}{bar}| {elapsed}",
                       disable=args.json or not sys.stderr.isatty()) as bar:

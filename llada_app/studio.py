@@ -462,7 +462,8 @@ class Studio:
         lengths, samples = self._lengths(settings), self.decoding.likelihood_samples
         try:
             if lengths:
-                steps = poems.chat_steps(denoiser, ids, prompt_ids, None, config, lengths, samples)
+                steps = poems.chat_steps(denoiser, ids, prompt_ids, None, config, lengths, samples,
+                                         self.decoding.rescore_top)
             else:
                 steps = sample_steps(denoiser, prompt_ids, None, config, mask_id=ids.mask, eos_id=ids.eos,
                                      eot_id=ids.eot)
@@ -483,8 +484,9 @@ class Studio:
             raise RequestError(f"the line is too long: with a gap of up to {max(lengths)} tokens its canvas is "
                                f"{longest} tokens, over the model's context of {denoiser.max_length}")
         try:
-            steps = poems.completion_steps(denoiser, tok, ids, [line], direction, lengths,
-                                           self.decoding.likelihood_samples, self.decoding.boundary_slots)
+            d = self.decoding
+            steps = poems.completion_steps(denoiser, tok, ids, [line], direction, lengths, d.likelihood_samples,
+                                           d.boundary_slots, d.rescore_top)
         except ValueError as e:
             raise RequestError(str(e)) from None
         blank = poems.completion_canvas(tok, ids, line, direction, min(lengths))[1:]

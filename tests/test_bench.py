@@ -14,8 +14,11 @@ def test_bench_json_on_a_tiny_random_shape(capsys):
     rows = {r["mode"]: r for r in result["rows"]}
     assert list(rows)[:6] == ["vanilla", "threshold", "prefix", "dual", "threshold+prefix", "threshold+dual"]
     assert "arm (KV cache)" in rows
-    # candidates 3..6 side by side in the first block (one slot per step), the second block all padding
-    assert rows["length-search"]["nfe"] == 6 and rows["length-search"]["config"]["lengths"] == "3:6"
+    # candidates 3..6 side by side in the first block (one slot per step), the second block all padding,
+    # then the page's re-scoring: 4 candidates x 2 prompts x 32 samples = 256 rows, one forward pass
+    search = rows["length-search"]
+    assert search["nfe"] == 6 + 1 and search["config"]["lengths"] == "3:6"
+    assert search["config"]["likelihood_samples"] == 32
     # the fixed schedule: 8 tokens per block in 8 steps, one forward pass each, whatever the cache
     assert rows["vanilla"]["nfe"] == rows["prefix"]["nfe"] == rows["dual"]["nfe"] == 16
     assert all(rows[m]["nfe"] <= 16 for m in ("threshold", "threshold+prefix", "threshold+dual"))

@@ -567,13 +567,39 @@ def test_search_adds_the_rescore_to_the_final_choice_only():
     def stream():
         yield Step(ids=ids, prompt_length=1, revealed=revealed, confidence=confidence, step=1, nfe=1, done=True)
 
-    def rescore(final):
-        seen.append(final.tolist())
+    def rescore(final, rows):
+        seen.append((final.tolist(), rows.tolist()))
         return torch.tensor([1.0, 0.0])
 
     steps = list(_search(stream(), x, 1, 2, rescore))
     assert steps[0].ids.tolist() == [[1, 3, 4, 9]] and steps[-1].ids.tolist() == [[1, 2, 9, 9]]
-    assert seen == [ids.tolist()]  # called once, on every candidate's final ids
+    assert seen == [(ids.tolist(), [0, 1])]  # called once, on every candidate's final ids
+
+
+def test_search_rescores_only_the_most_confident_candidates_of_each_prompt():
+    """K = 3 candidates of B = 2 prompts (row k * B + b): with rescore_top 2, each prompt's least confident
+    candidate is never re-scored and cannot be kept, however high the score it would have got."""
+    K, B = 3, 2
+    x = torch.full((K * B, 3), 9)
+    conf = torch.tensor([0.9, 0.2, 0.5, 0.6, 0.8, 0.4])  # prompt 0: rows 0, 2, 4; prompt 1: rows 1, 3, 5
+    ids = torch.arange(K * B)[:, None].repeat(1, 3)  # row r holds token r
+
+    def stream():
+        yield Step(ids=ids, prompt_length=1, revealed=torch.ones(K * B, 3, dtype=torch.bool),
+                   confidence=conf[:, None].repeat(1, 3), step=1, nfe=1, done=True)
+
+    calls = []
+
+    def rescore(final, rows):  # a big bonus for the least confident row of each prompt, 2 and 1
+        calls.append(rows.tolist())
+        assert torch.equal(final, ids[rows])
+        return torch.where((rows == 2) | (rows == 1), 100.0, 0.0)
+
+    kept = list(_search(stream(), x, 1, K, rescore, rescore_top=2))[-1].ids[:, 0].tolist()
+    assert calls == [[0, 3, 4, 5]] and kept == [0, 3]  # the confidence's own choice: 2 and 1 never ran
+    calls.clear()
+    kept = list(_search(stream(), x, 1, K, rescore, rescore_top=0))[-1].ids[:, 0].tolist()
+    assert calls == [[0, 1, 2, 3, 4, 5]] and kept == [2, 1]  # 0: every candidate
 
 
 def test_a_search_with_nothing_to_fill_returns_its_canvas(sharp_model, prompts, ids):

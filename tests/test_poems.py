@@ -127,15 +127,24 @@ def test_completion_fixes_the_given_line_and_searches_the_gap(tiny_mdm):
     assert (steps[-1].canvas[0] == ids.mask).sum().item() == max(scores, key=lambda s: s[0])[1]
 
 
-def test_completion_keeps_confidence_plus_the_likelihood_of_the_answer_text(tiny_mdm):
+def _top(conf: list[float], top: int) -> list[int]:
+    """Indices of the `top` highest (ties: the earlier; 0: all), as a search picks what it re-scores."""
+    order = sorted(range(len(conf)), key=lambda i: (-conf[i], i))
+    return order[:top] if top else order
+
+
+@pytest.mark.parametrize("top", [0, 2])
+def test_completion_keeps_confidence_plus_the_likelihood_of_the_answer_text(tiny_mdm, top):
     """With likelihood samples the kept candidate maximises its mean log-confidence + the mean ELBO per
-    token of its answer text, both recomputed here from one decoding per gap length."""
+    token of its answer text, both recomputed here from one decoding per gap length, among the `top`
+    most confident gap lengths of each line (0: all of them)."""
     from llada_app.generation import candidate_steps
 
     tok, ids, d = tiny_mdm.tokenizer, tiny_mdm.ids, TorchDenoiser(tiny_mdm.model)
     lines, lengths = ["That thereby beauty's rose might never die,", "Shall I compare thee"], range(3, 7)
     for direction in poems.DIRECTIONS:
-        kept = list(poems.completion_steps(d, tok, ids, lines, direction, lengths, likelihood_samples=8))[-1]
+        kept = list(poems.completion_steps(d, tok, ids, lines, direction, lengths, likelihood_samples=8,
+                                           rescore_top=top))[-1]
         answers, conf, rows = [], [], []
         for L in lengths:
             one, one_attn = completion_batch(tok, ids, lines, direction, [L])
@@ -148,17 +157,20 @@ def test_completion_keeps_confidence_plus_the_likelihood_of_the_answer_text(tiny
         likelihood = poems.answer_likelihood(d, tok, ids, lines * len(lengths), answers, direction, 8)
         score = (torch.tensor(conf) + likelihood).view(len(lengths), len(lines))
         for b, line in enumerate(lines):
-            best = int(score[:, b].argmax()) * len(lines) + b
+            ks = _top(conf[b::len(lines)], top)
+            best = max(ks, key=lambda k: (float(score[k, b]), -k)) * len(lines) + b
             got = kept.ids[b].tolist()
             assert got[:len(rows[best])] == rows[best] and set(got[len(rows[best]):]) <= {ids.pad}
     with pytest.raises(ValueError, match="likelihood_samples must be >= 0"):
         poems.completion_steps(d, tok, ids, lines, "next", lengths, likelihood_samples=-1)
 
 
-def test_chat_search_keeps_confidence_plus_the_likelihood_of_the_answer(tiny_mdm):
+@pytest.mark.parametrize("top", [0, 2])
+def test_chat_search_keeps_confidence_plus_the_likelihood_of_the_answer(tiny_mdm, top, monkeypatch):
     """The chat protocol's length search: the kept length maximises the mean log-confidence + the mean ELBO per
     token of its answer slots (the prompt before them, the stop token after), both recomputed here from one
-    decoding per length, each row alone; without samples it is the plain length search."""
+    decoding per length, each row alone, among the `top` most confident lengths (0: all); without samples
+    it is the plain length search."""
     from llada_app.generation import GenerationConfig, length_search_steps, pad_prompts
     from llada_app.likelihood import gap_log_likelihood
     from llada_app.tokenization import chat_prompt_ids
@@ -170,9 +182,24 @@ def test_chat_search_keeps_confidence_plus_the_likelihood_of_the_answer(tiny_mdm
                            for line in lines], ids.pad)  # [2, P], the shorter prompt left-padded
     assert attn is not None and not attn.all()
     config, lengths, P = GenerationConfig(gen_length=8, block_length=8, steps=8), range(2, 6), x.shape[1]
-    kept = list(poems.chat_steps(d, ids, x, attn, config, lengths, likelihood_samples=8))[-1]
+    import llada_app.likelihood
+
+    scored, real = [], llada_app.likelihood.gap_log_likelihood
+
+    def spy(denoiser, rows, slots, attention_mask, **kw):  # what the re-scoring asks the likelihood
+        scored.append((rows, slots, attention_mask))
+        return real(denoiser, rows, slots, attention_mask, **kw)
+
+    monkeypatch.setattr(llada_app.likelihood, "gap_log_likelihood", spy)
+    kept = list(poems.chat_steps(d, ids, x, attn, config, lengths, likelihood_samples=8, rescore_top=top))[-1]
+    monkeypatch.undo()
+    (rows, slots, row_attn), = scored
+    assert len(rows) == len(lines) * (top or len(lengths))  # each question's `top` candidates, once each
+    for row, n, a in zip(rows, slots.sum(1).tolist(), row_attn):  # each row's own length and prompt padding
+        b = next(b for b in range(len(lines)) if torch.equal(row[:P], x[b]))
+        assert n in lengths and (row[P + n] == ids.eot) and torch.equal(a[:P], attn[b])
     for b in range(len(lines)):
-        scores, rows = [], []
+        scores, rows, confs = [], [], []
         for L in lengths:
             run = list(length_search_steps(d, x[b:b + 1], attn[b:b + 1], config, [L], **kw))
             conf = float(sum(s.confidence[0][s.revealed[0]].log().sum() for s in run[:-1])) / L
@@ -183,7 +210,8 @@ def test_chat_search_keeps_confidence_plus_the_likelihood_of_the_answer(tiny_mdm
             elbo = float(gap_log_likelihood(d, row[None], slots[None], full[None], mask_id=ids.mask, mc_num=8, seed=0))
             scores.append(conf + elbo / L)
             rows.append(row)
-        assert torch.equal(kept.ids[b], rows[max(range(len(scores)), key=scores.__getitem__)])
+            confs.append(conf)
+        assert torch.equal(kept.ids[b], rows[max(_top(confs, top), key=lambda k: (scores[k], -k))])
     plain = list(length_search_steps(d, x, attn, config, lengths, **kw))[-1]
     assert torch.equal(list(poems.chat_steps(d, ids, x, attn, config, lengths, likelihood_samples=0))[-1].ids, plain.ids)
     with pytest.raises(ValueError, match="likelihood_samples must be >= 0"):
