@@ -522,7 +522,8 @@ def candidate_steps(denoiser: Denoiser, canvases: torch.Tensor, attention_mask: 
     `rescore(final ids [N, L], rows [N]) -> [N]` adds a second opinion to the score of the candidates
     `rows` (each k * B + b) once every candidate is filled (the completion protocol: the likelihood of its
     answer text): of each prompt's `rescore_top` most confident candidates (0: of all); the others
-    are out of the running.
+    are out of the running. A score of -inf rules a candidate out; a prompt whose every re-scored
+    candidate is ruled out keeps the most confident of them.
     """
     if rescore_top < 0:
         raise ValueError(f"rescore_top must be >= 0 (0: every candidate), got {rescore_top}")
@@ -578,6 +579,8 @@ def _search(steps: Iterator[Step], x: torch.Tensor, P: int, K: int, rescore: Res
         picked = (mean.argsort(dim=0, descending=True, stable=True)[:top] * B + rows).flatten().sort().values  # [top * B]
         extra = torch.full_like(log_conf, -torch.inf)
         extra[picked] = rescore(ids[picked], picked).to(extra)
+        ruled_out = torch.isneginf(extra.view(K, B)).all(0)  # [B] prompts whose every pick scored -inf ...
+        extra[picked[ruled_out[picked % B]]] = 0.0  # ... keep their most confident pick
     lead = best(extra)
     yield Step(ids=ids[lead], prompt_length=P, revealed=none, confidence=none.float(),
                step=step.step if step else 0, nfe=step.nfe if step else 0, done=True, canvas=x[lead])

@@ -296,7 +296,8 @@ def chat_steps(denoiser, ids, prompt_ids: torch.Tensor, attention_mask: torch.Te
     the mean log-likelihood per token of its answer slots in the finished canvas (the question before
     them, the stop token after: `likelihood.gap_log_likelihood`, seed 0), as the completion protocol keeps
     its gap: chosen on the SFT sonnets' pairs, where it beat the confidence alone on both directions. As
-    there, only the `rescore_top` candidates of best confidence per question are scored (0: all).
+    there, only the `rescore_top` candidates of best confidence per question are scored (0: all), and an
+    empty answer (a stop token in its first slot) is ruled out.
     """
     from .generation import length_search_steps
     from .likelihood import gap_log_likelihood
@@ -315,7 +316,8 @@ def chat_steps(denoiser, ids, prompt_ids: torch.Tensor, attention_mask: torch.Te
             attn = None if attention_mask is None else torch.cat(  # the prompt's padding, then the answer
                 [attention_mask.cpu().long()[rows % B], torch.ones_like(x[:, P:])], 1)
             total = gap_log_likelihood(denoiser, x, slots, attn, mask_id=ids.mask, mc_num=likelihood_samples, seed=0)
-            return (total / n).to(final.device)
+            empty = torch.isin(x[:, P], torch.tensor([t for t in (ids.eos, ids.eot) if t is not None]))  # [N]
+            return (total / n).masked_fill(empty, -torch.inf).to(final.device)  # an empty answer: never kept
     return length_search_steps(denoiser, prompt_ids, attention_mask, config, lengths, mask_id=ids.mask,
                                eos_id=ids.eos, eot_id=ids.eot, rescore=rescore, rescore_top=rescore_top)
 

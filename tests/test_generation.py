@@ -601,6 +601,12 @@ def test_search_rescores_only_the_most_confident_candidates_of_each_prompt():
     kept = list(_search(stream(), x, 1, K, rescore, rescore_top=0))[-1].ids[:, 0].tolist()
     assert calls == [[0, 1, 2, 3, 4, 5]] and kept == [2, 1]  # 0: every candidate
 
+    def rule_out(final, rows):  # prompt 0: only its most confident pick ruled out; prompt 1: every pick
+        return torch.where((rows == 0) | (rows % B == 1), -torch.inf, 0.0)
+
+    kept = list(_search(stream(), x, 1, K, rule_out, rescore_top=2))[-1].ids[:, 0].tolist()
+    assert kept == [4, 3]  # prompt 1 falls back to its most confident pick (not row 1, its first candidate)
+
 
 def test_a_search_with_nothing_to_fill_returns_its_canvas(sharp_model, prompts, ids):
     P = len(prompts[0])

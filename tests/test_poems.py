@@ -1,5 +1,6 @@
 """The reversal-poem task: phrasings, normalisation, corpus lookup, both protocols and the evaluation."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -208,10 +209,16 @@ def test_chat_search_keeps_confidence_plus_the_likelihood_of_the_answer(tiny_mdm
             slots[P:P + L] = True
             full = torch.cat([attn[b], torch.ones(config.gen_length, dtype=torch.long)])
             elbo = float(gap_log_likelihood(d, row[None], slots[None], full[None], mask_id=ids.mask, mc_num=8, seed=0))
-            scores.append(conf + elbo / L)
+            empty = int(row[P]) in (ids.eos, ids.eot)  # the answer stops at once: never kept
+            scores.append(-math.inf if empty else conf + elbo / L)
             rows.append(row)
             confs.append(conf)
-        assert torch.equal(kept.ids[b], rows[max(_top(confs, top), key=lambda k: (scores[k], -k))])
+        picks = _top(confs, top)
+        if all(scores[k] == -math.inf for k in picks):  # nothing but empty answers: the most confident
+            want = picks[0]
+        else:
+            want = max(picks, key=lambda k: (scores[k], -k))
+        assert torch.equal(kept.ids[b], rows[want])
     plain = list(length_search_steps(d, x, attn, config, lengths, **kw))[-1]
     assert torch.equal(list(poems.chat_steps(d, ids, x, attn, config, lengths, likelihood_samples=0))[-1].ids, plain.ids)
     with pytest.raises(ValueError, match="likelihood_samples must be >= 0"):
@@ -220,7 +227,8 @@ def test_chat_search_keeps_confidence_plus_the_likelihood_of_the_answer(tiny_mdm
 
 def test_chat_search_with_the_likelihood_answers_where_the_confidence_kept_an_empty_answer():
     """The bundled MDM, held-out sonnet 27, next line: the most confident length decodes an empty answer
-    (its slots filled with the end of text); with the likelihood the right line is kept."""
+    (its slots filled with the end of text); with the likelihood (and empty answers ruled out) the right
+    line is kept."""
     mdm = load_model(BUNDLED_MODELS / "sonnets-mdm", device="cpu")
     corpus = PoemCorpus.for_card(mdm.card)
     decoding = Decoding.for_model(mdm.card, corpus, mdm.tokenizer)
@@ -229,6 +237,12 @@ def test_chat_search_with_the_likelihood_answers_where_the_confidence_kept_an_em
     conversation = [[{"role": "user", "content": question(given, "next")}]]
     assert poems.Answerer(mdm, replace(decoding, likelihood_samples=0)).chat(conversation) == [""]
     assert poems.Answerer(mdm, decoding).chat(conversation) == [right]
+    # The sonnet's first line: there the empty candidate (its slots the end of text) also led on confidence +
+    # likelihood (kept until empty answers were ruled out); the best of the others is the right line.
+    given, right = "Weary with toil, I haste me to my bed,", "The dear respose for limbs with travel tir'd;"
+    assert (given, right) in poems.line_pairs(corpus.split("heldout"))
+    answers = poems.Answerer(mdm, decoding).chat([[{"role": "user", "content": question(given, "next")}]])
+    assert answers == [right]
 
 
 def test_answer_likelihood_reads_the_answer_in_its_own_canvas(tiny_mdm):
