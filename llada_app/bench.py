@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from .generation import GenerationConfig, format_lengths, generate_answers, pad_prompts, parse_lengths
 from .loading import DEFAULT_ARM, DEFAULT_MODEL, LoadedModel, ModelCard
 from .modeling import SHAPES
-from .poems import LIKELIHOOD_SAMPLES, chat_steps
+from .poems import LIKELIHOOD_SAMPLES, Decoding, chat_steps
 from .tokenization import answer_tokens, chat_prompt_ids, decode_answer
 
 GENERIC_QUESTIONS = [
@@ -199,8 +199,7 @@ class Job:
     batches: list  # [(ids [B, P], attention mask [B, P] | None)]
     config: GenerationConfig | None
     ids: object  # SpecialIds of the job's model
-    lengths: range | None = None  # candidate answer lengths of a length search
-    likelihood_samples: int = 0  # the length search's likelihood re-scoring (poems.chat_steps; 0: confidence alone)
+    search: Decoding | None = None  # a length search as the page runs it (poems.chat_steps): lengths, re-scoring
     runs: list = field(default_factory=list)  # (wall s, cpu s, denoiser s, nfe per batch) per timed run
     outs: list = field(default_factory=list)  # answer slots per batch, from the last run
 
@@ -210,8 +209,8 @@ class Job:
         _sync(den.device)
         t, c = time.perf_counter(), time.process_time()
         for prompt, attn in self.batches:
-            if self.lengths:  # the page's length search: poems.chat_steps
-                for final in chat_steps(den, ids, prompt, attn, self.config, self.lengths, self.likelihood_samples):
+            if self.search:
+                for final in chat_steps(den, ids, prompt, attn, self.config, self.search):
                     pass
                 seq = final.ids
             else:
@@ -310,7 +309,7 @@ def run_bench(args) -> dict:
                  for mode in modes if configs[mode].cache != "prefix"]
     if args.lengths:
         jobs.append(Job("length-search", denoiser, batches, configs["vanilla"], loaded.ids,
-                        lengths=args.lengths, likelihood_samples=args.likelihood_samples))
+                        search=Decoding(lengths=args.lengths, likelihood_samples=args.likelihood_samples)))
     if arm:
         jobs.append(Job("arm (KV cache)", arm[0], batches_for(arm[1]), None, arm[1].ids))
     measure(jobs, args.repeats, args.warmup, G, progress=not args.json and sys.stderr.isatty())
@@ -332,8 +331,9 @@ def run_bench(args) -> dict:
             extra = dict(agree_tokens=float((slots == vanilla_slots).float().mean()),
                          agree_answers=sum(a == b for a, b in zip(toks, vanilla_toks)) / n,
                          config={k: v for k, v in asdict(job.config).items() if v not in (None, False)})
-            if job.lengths:
-                extra["config"].update(lengths=format_lengths(job.lengths), likelihood_samples=job.likelihood_samples)
+            if job.search:
+                extra["config"].update(lengths=format_lengths(job.search.lengths),
+                                       likelihood_samples=job.search.likelihood_samples)
         rows.append(Row(job.name, nfe, wall, wall / n, produced / wall, cpu_s=cpu, accuracy=_accuracy(texts, prompts),
                         **(dict(denoiser_s=den, ms_per_forward=1e3 * den / (nfe * len(job.batches)),
                                 overhead_pct=100 * (wall - den) / wall) if den == den else  # NaN: not timed (GPU)

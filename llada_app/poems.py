@@ -161,6 +161,11 @@ class Decoding:
     boundary_slots: int = BOUNDARY_SLOTS  # completion, MDM: that likelihood counts the line boundary (0: off)
     rescore_top: int = RESCORE_TOP  # MDM searches: the candidates of best confidence that likelihood scores (0: all)
 
+    def __post_init__(self):
+        for name in ("likelihood_samples", "boundary_slots", "rescore_top"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
     @classmethod
     def for_model(cls, card, corpus: PoemCorpus | None = None, tokenizer=None) -> "Decoding":
         """A model trained here: its fine-tuning answer length, searched over its SFT line lengths;
@@ -253,44 +258,40 @@ def completion_config(width: int):
     return GenerationConfig(gen_length=width - 1, block_length=width - 1, steps=width - 1, temperature=0.0)
 
 
-def completion_steps(denoiser, tokenizer, ids, lines: Sequence[str], direction: str, lengths: Sequence[int],
-                     likelihood_samples: int = LIKELIHOOD_SAMPLES, boundary_slots: int = BOUNDARY_SLOTS,
-                     rescore_top: int = RESCORE_TOP):
+def completion_steps(denoiser, tokenizer, ids, lines: Sequence[str], direction: str, decoding: Decoding):
     """The masked-diffusion side of the completion protocol: a Step stream (generation.candidate_steps).
 
-    Each gap length is a candidate. The kept one has the best mean log-confidence of its revealed tokens
-    plus (likelihood_samples > 0) the mean log-likelihood per token of its answer text read as a line of
-    its own (`answer_likelihood`). Confidence judges each token in the order the sampler committed it;
-    the likelihood judges the finished line from every masking ratio and, with boundary_slots > 0,
-    whether a line can end (next) or begin (previous) right where the answer does: the confidence alone
-    misses a gap one token short filled with the rest of the line. The likelihood reads only the
-    `rescore_top` candidates of best confidence per line (0: all): the others are not kept.
+    Each gap length (`decoding.gap_lengths()`) is a candidate. The kept one has the best mean
+    log-confidence of its revealed tokens plus (decoding.likelihood_samples > 0) the mean log-likelihood
+    per token of its answer text read as a line of its own (`answer_likelihood`). Confidence judges each
+    token in the order the sampler committed it; the likelihood judges the finished line from every
+    masking ratio and, with boundary_slots > 0, whether a line can end (next) or begin (previous) right
+    where the answer does: the confidence alone misses a gap one token short filled with the rest of the
+    line. The likelihood reads only the `rescore_top` candidates of best confidence per line (0: all):
+    the others are not kept.
     """
     from .generation import candidate_steps
 
-    if likelihood_samples < 0:
-        raise ValueError(f"likelihood_samples must be >= 0, got {likelihood_samples}")
-    if boundary_slots < 0:
-        raise ValueError(f"boundary_slots must be >= 0, got {boundary_slots}")
+    lengths, d = decoding.gap_lengths(), decoding
     canvases, attn = completion_batch(tokenizer, ids, lines, direction, lengths)
     rescore = None
-    if likelihood_samples:
+    if d.likelihood_samples:
         def rescore(final: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:  # [N]; row k * B + b answers lines[b]
             rows = rows.tolist()
             given = [lines[r % len(lines)] for r in rows]
             answers = [gap_text(tokenizer, ids, row, canvases[r].tolist(), line)
                        for row, r, line in zip(final.tolist(), rows, given)]
             return answer_likelihood(denoiser, tokenizer, ids, given, answers, direction,
-                                     likelihood_samples, boundary_slots).to(final.device)
+                                     d.likelihood_samples, d.boundary_slots).to(final.device)
     return candidate_steps(denoiser, canvases, attn, len(lengths), completion_config(canvases.shape[1]),
                            prompt_length=1, mask_id=ids.mask, eos_id=ids.eos, eot_id=ids.eot, rescore=rescore,
-                           rescore_top=rescore_top)
+                           rescore_top=d.rescore_top)
 
 
 def chat_steps(denoiser, ids, prompt_ids: torch.Tensor, attention_mask: torch.Tensor | None, config,
-               lengths: Sequence[int], likelihood_samples: int = LIKELIHOOD_SAMPLES, rescore_top: int = RESCORE_TOP):
-    """The masked-diffusion side of the chat protocol: the answer-length search
-    (generation.length_search_steps) over prompt_ids [B, P] (left-padded; attention_mask [B, P] or None).
+               decoding: Decoding):
+    """The masked-diffusion side of the chat protocol: the answer-length search over `decoding.lengths`
+    (generation.length_search_steps) of prompt_ids [B, P] (left-padded; attention_mask [B, P] or None).
 
     The kept length has the best mean log-confidence of its revealed tokens plus (likelihood_samples > 0)
     the mean log-likelihood per token of its answer slots in the finished canvas (the question before
@@ -302,10 +303,11 @@ def chat_steps(denoiser, ids, prompt_ids: torch.Tensor, attention_mask: torch.Te
     from .generation import length_search_steps
     from .likelihood import gap_log_likelihood
 
-    if likelihood_samples < 0:
-        raise ValueError(f"likelihood_samples must be >= 0, got {likelihood_samples}")
+    lengths, samples = decoding.lengths, decoding.likelihood_samples
+    if not lengths:
+        raise ValueError("a length search needs candidate lengths (Decoding.lengths)")
     rescore = None
-    if likelihood_samples:
+    if samples:
         (B, P), ordered = prompt_ids.shape, sorted(lengths)
 
         def rescore(final: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:  # final [N, P + G]; row k * B + b:
@@ -315,11 +317,11 @@ def chat_steps(denoiser, ids, prompt_ids: torch.Tensor, attention_mask: torch.Te
             slots = (col >= 0) & (col[None] < n[:, None])  # [N, P + G]
             attn = None if attention_mask is None else torch.cat(  # the prompt's padding, then the answer
                 [attention_mask.cpu().long()[rows % B], torch.ones_like(x[:, P:])], 1)
-            total = gap_log_likelihood(denoiser, x, slots, attn, mask_id=ids.mask, mc_num=likelihood_samples, seed=0)
+            total = gap_log_likelihood(denoiser, x, slots, attn, mask_id=ids.mask, mc_num=samples, seed=0)
             empty = torch.isin(x[:, P], torch.tensor([t for t in (ids.eos, ids.eot) if t is not None]))  # [N]
             return (total / n).masked_fill(empty, -torch.inf).to(final.device)  # an empty answer: never kept
     return length_search_steps(denoiser, prompt_ids, attention_mask, config, lengths, mask_id=ids.mask,
-                               eos_id=ids.eos, eot_id=ids.eot, rescore=rescore, rescore_top=rescore_top)
+                               eos_id=ids.eos, eot_id=ids.eot, rescore=rescore, rescore_top=decoding.rescore_top)
 
 
 def answer_likelihood(denoiser, tokenizer, ids, lines: Sequence[str], answers: Sequence[str], direction: str,
@@ -461,8 +463,7 @@ class Answerer:
         x, attn = pad_prompts([chat_prompt_ids(tok, c) for c in conversations], ids.pad)  # [B, P], left-padded
         if d.lengths and not self.causal:
             final = None
-            for final in chat_steps(self.denoiser, ids, x, attn, self.chat_config(), d.lengths, d.likelihood_samples,
-                                    d.rescore_top):
+            for final in chat_steps(self.denoiser, ids, x, attn, self.chat_config(), d):
                 pass
             seq = final.ids
         else:
@@ -472,14 +473,13 @@ class Answerer:
 
     def complete(self, lines: list[str], direction: str, progress: Callable[[float], None] = lambda f: None) -> list[str]:
         """Completion protocol: the line next to (after / before) each given line."""
-        lengths = self.decoding.gap_lengths()
-        rows = 1 if self.causal else len(lengths)
-        return self._batched(lines, rows, lambda batch: self._complete_batch(batch, direction, lengths), progress)
+        rows = 1 if self.causal else len(self.decoding.gap_lengths())
+        return self._batched(lines, rows, lambda batch: self._complete_batch(batch, direction), progress)
 
-    def _complete_batch(self, lines: list[str], direction: str, lengths: range) -> list[str]:
+    def _complete_batch(self, lines: list[str], direction: str) -> list[str]:
         from .generation import generate_arm, pad_prompts
 
-        tok, ids = self.loaded.tokenizer, self.loaded.ids
+        tok, ids, lengths = self.loaded.tokenizer, self.loaded.ids, self.decoding.gap_lengths()
         if self.causal:  # left to right over the same canvas (its longest gap), stopping at a separator
             prompts = [arm_completion_prompt(completion_canvas(tok, ids, line, direction, max(lengths)), ids.mask)[0]
                        for line in lines]
@@ -488,9 +488,7 @@ class Answerer:
                                stop_ids=arm_stop_ids(tok, ids, lines[0]))
             return [arm_gap_text(tok, row, line) for row, line in zip(seq[:, x.shape[1]:].tolist(), lines)]
         final = None
-        d = self.decoding
-        for final in completion_steps(self.denoiser, tok, ids, lines, direction, lengths, d.likelihood_samples,
-                                      d.boundary_slots, d.rescore_top):
+        for final in completion_steps(self.denoiser, tok, ids, lines, direction, self.decoding):
             pass
         return [gap_text(tok, ids, row, canvas, line)
                 for row, canvas, line in zip(final.ids.tolist(), final.canvas.tolist(), lines)]
@@ -721,12 +719,6 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.limit is not None and args.limit < 1:
         parser.error("--limit must be >= 1")
-    if args.likelihood_samples < 0:
-        parser.error("--likelihood-samples must be >= 0")
-    if args.boundary_slots < 0:
-        parser.error("--boundary-slots must be >= 0")
-    if args.rescore_top < 0:
-        parser.error("--rescore-top must be >= 0")
 
     from tqdm import tqdm
 
@@ -748,8 +740,11 @@ def main(argv: list[str] | None = None) -> None:
             decoding = replace(decoding, block_length=args.block_length)
         if args.lengths is not ...:
             decoding = replace(decoding, lengths=args.lengths)
-        decoding = replace(decoding, likelihood_samples=args.likelihood_samples, boundary_slots=args.boundary_slots,
-                           rescore_top=args.rescore_top)
+        try:
+            decoding = replace(decoding, likelihood_samples=args.likelihood_samples,
+                               boundary_slots=args.boundary_slots, rescore_top=args.rescore_top)
+        except ValueError as e:
+            parser.error(str(e))
         try:
             with tqdm(total=100, desc=loaded.name, unit="%", bar_format="{l_bar}{bar}| {elapsed}",
                       disable=args.json or not sys.stderr.isatty()) as bar:

@@ -459,18 +459,17 @@ class Studio:
         config = self._generation_config(settings, denoiser, len(prompt))
         ids = self.mdm.ids
         prompt_ids = torch.tensor([prompt], dtype=torch.long, device=denoiser.device)  # [1, P]
-        lengths, samples = self._lengths(settings), self.decoding.likelihood_samples
+        lengths = self._lengths(settings)
         try:
             if lengths:
-                steps = poems.chat_steps(denoiser, ids, prompt_ids, None, config, lengths, samples,
-                                         self.decoding.rescore_top)
+                steps = poems.chat_steps(denoiser, ids, prompt_ids, None, config, replace(self.decoding, lengths=lengths))
             else:
                 steps = sample_steps(denoiser, prompt_ids, None, config, mask_id=ids.mask, eos_id=ids.eos,
                                      eot_id=ids.eot)
         except ValueError as e:
             raise RequestError(f"length search: {e}" if lengths else str(e)) from None
         blank = initial_sequence(prompt_ids, config, ids.mask)[0, len(prompt):].tolist()  # masks + forced words
-        kept = _KEPT if samples else ""
+        kept = _KEPT if self.decoding.likelihood_samples else ""
         note = (f" · length search {lengths.start}–{lengths.stop - 1} tokens{kept}" if lengths else "") + note
         return self._frames(steps, self.mdm, denoiser.name, settings, _View(blank, self._chat_answer(self.mdm)),
                             should_stop, note)
@@ -484,9 +483,7 @@ class Studio:
             raise RequestError(f"the line is too long: with a gap of up to {max(lengths)} tokens its canvas is "
                                f"{longest} tokens, over the model's context of {denoiser.max_length}")
         try:
-            d = self.decoding
-            steps = poems.completion_steps(denoiser, tok, ids, [line], direction, lengths, d.likelihood_samples,
-                                           d.boundary_slots, d.rescore_top)
+            steps = poems.completion_steps(denoiser, tok, ids, [line], direction, replace(self.decoding, lengths=lengths))
         except ValueError as e:
             raise RequestError(str(e)) from None
         blank = poems.completion_canvas(tok, ids, line, direction, min(lengths))[1:]

@@ -104,8 +104,8 @@ def test_completion_fixes_the_given_line_and_searches_the_gap(tiny_mdm):
     revealed; every gap length is a candidate, and the kept answer is the most confident one."""
     tok, ids = tiny_mdm.tokenizer, tiny_mdm.ids
     line, lengths = "That thereby beauty's rose might never die,", range(3, 7)
-    steps = list(poems.completion_steps(TorchDenoiser(tiny_mdm.model), tok, ids, [line], "previous", lengths,
-                                        likelihood_samples=0))
+    steps = list(poems.completion_steps(TorchDenoiser(tiny_mdm.model), tok, ids, [line], "previous",
+                                        Decoding(lengths=lengths, likelihood_samples=0)))
     assert steps[-1].done and steps[-1].nfe == max(lengths)  # candidates side by side: the longest one's passes
     candidates = [completion_canvas(tok, ids, line, "previous", L) for L in lengths]
     for step in steps:
@@ -144,8 +144,8 @@ def test_completion_keeps_confidence_plus_the_likelihood_of_the_answer_text(tiny
     tok, ids, d = tiny_mdm.tokenizer, tiny_mdm.ids, TorchDenoiser(tiny_mdm.model)
     lines, lengths = ["That thereby beauty's rose might never die,", "Shall I compare thee"], range(3, 7)
     for direction in poems.DIRECTIONS:
-        kept = list(poems.completion_steps(d, tok, ids, lines, direction, lengths, likelihood_samples=8,
-                                           rescore_top=top))[-1]
+        kept = list(poems.completion_steps(d, tok, ids, lines, direction,
+                                           Decoding(lengths=lengths, likelihood_samples=8, rescore_top=top)))[-1]
         answers, conf, rows = [], [], []
         for L in lengths:
             one, one_attn = completion_batch(tok, ids, lines, direction, [L])
@@ -162,8 +162,6 @@ def test_completion_keeps_confidence_plus_the_likelihood_of_the_answer_text(tiny
             best = max(ks, key=lambda k: (float(score[k, b]), -k)) * len(lines) + b
             got = kept.ids[b].tolist()
             assert got[:len(rows[best])] == rows[best] and set(got[len(rows[best]):]) <= {ids.pad}
-    with pytest.raises(ValueError, match="likelihood_samples must be >= 0"):
-        poems.completion_steps(d, tok, ids, lines, "next", lengths, likelihood_samples=-1)
 
 
 @pytest.mark.parametrize("top", [0, 2])
@@ -192,7 +190,8 @@ def test_chat_search_keeps_confidence_plus_the_likelihood_of_the_answer(tiny_mdm
         return real(denoiser, rows, slots, attention_mask, **kw)
 
     monkeypatch.setattr(llada_app.likelihood, "gap_log_likelihood", spy)
-    kept = list(poems.chat_steps(d, ids, x, attn, config, lengths, likelihood_samples=8, rescore_top=top))[-1]
+    kept = list(poems.chat_steps(d, ids, x, attn, config,
+                                 Decoding(lengths=lengths, likelihood_samples=8, rescore_top=top)))[-1]
     monkeypatch.undo()
     (rows, slots, row_attn), = scored
     assert len(rows) == len(lines) * (top or len(lengths))  # each question's `top` candidates, once each
@@ -220,9 +219,13 @@ def test_chat_search_keeps_confidence_plus_the_likelihood_of_the_answer(tiny_mdm
             want = max(picks, key=lambda k: (scores[k], -k))
         assert torch.equal(kept.ids[b], rows[want])
     plain = list(length_search_steps(d, x, attn, config, lengths, **kw))[-1]
-    assert torch.equal(list(poems.chat_steps(d, ids, x, attn, config, lengths, likelihood_samples=0))[-1].ids, plain.ids)
-    with pytest.raises(ValueError, match="likelihood_samples must be >= 0"):
-        poems.chat_steps(d, ids, x, attn, config, lengths, likelihood_samples=-1)
+    assert torch.equal(list(poems.chat_steps(d, ids, x, attn, config, Decoding(lengths=lengths, likelihood_samples=0)))[-1].ids,
+                       plain.ids)
+    for bad in ("likelihood_samples", "rescore_top"):
+        with pytest.raises(ValueError, match=f"{bad} must be >= 0"):
+            Decoding(lengths=lengths, **{bad: -1})
+    with pytest.raises(ValueError, match="needs candidate lengths"):
+        poems.chat_steps(d, ids, x, attn, config, Decoding())
 
 
 def test_chat_search_with_the_likelihood_answers_where_the_confidence_kept_an_empty_answer():
@@ -277,7 +280,7 @@ def test_answer_likelihood_counts_the_line_boundary_as_one_more_token(tiny_mdm):
         assert both[2] == alone[2] == float("-inf")
     assert poems.Decoding().to_json()["boundary_slots"] == poems.BOUNDARY_SLOTS > 0  # part of a stored key
     with pytest.raises(ValueError, match="boundary_slots must be >= 0"):
-        poems.completion_steps(d, tok, ids, [line], "next", range(2, 4), boundary_slots=-1)
+        Decoding(boundary_slots=-1)
 
 
 def test_line_boundary_reads_the_mask_touching_the_answer(tiny_mdm):
