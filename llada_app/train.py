@@ -117,8 +117,8 @@ class TrainConfig:
 # of 100) leave the loss plateau of the first steps sooner: more recall over three seeds.
 _SHAPE = dict(SHAPES["sonnets"])  # d_model, heads, layers, MLP width, context, RoPE, vocabulary
 _BUNDLED = dict(n_sonnets=30, **_SHAPE, seq_len=128, batch_size=32, save_every=200, eval_limit=20)
-_BUNDLED_BASE = dict(_BUNDLED, stage="pretrain", pretrain_steps=6000, sft_steps=0, lr=3e-3, warmup_steps=500,
-                     eval_every=2000, eval_protocols="completion")
+_BUNDLED_BASE = dict(_BUNDLED, stage="pretrain", pretrain_steps=9000, sft_steps=0, lr=3e-3, warmup_steps=500,
+                     eval_every=3000, eval_protocols="completion")
 _BUNDLED_CHAT = dict(_BUNDLED, stage="sft", pretrain_steps=0, sft_steps=3200, replay=0.5, lr=2e-3, warmup_steps=50,
                      eval_every=1600, eval_protocols="chat")
 _BUNDLED_MIXED = dict(_BUNDLED, batch_size=8, pretrain_steps=0, sft_steps=34400, replay=0.5, lr=3e-3,

@@ -228,24 +228,26 @@ def test_chat_search_keeps_confidence_plus_the_likelihood_of_the_answer(tiny_mdm
         poems.chat_steps(d, ids, x, attn, config, Decoding())
 
 
-def test_chat_search_with_the_likelihood_answers_where_the_confidence_kept_an_empty_answer():
-    """The bundled MDM, held-out sonnet 27, next line: the most confident length decodes an empty answer
-    (its slots filled with the end of text); with the likelihood (and empty answers ruled out) the right
-    line is kept."""
+def test_chat_search_with_the_likelihood_keeps_lines_the_confidence_alone_misses():
+    """The bundled chat model, held-out sonnets: for two questions the most confident length decodes a wrong
+    line (the line after the right one; another sonnet's line) and the likelihood re-scoring keeps the right
+    one, a previous line among them; where the confidence alone keeps an empty answer (its slots filled with
+    the end of text), the search with the likelihood keeps a line (empty answers are ruled out)."""
     mdm = load_model(BUNDLED_MODELS / "sonnets-mdm", device="cpu")
     corpus = PoemCorpus.for_card(mdm.card)
     decoding = Decoding.for_model(mdm.card, corpus, mdm.tokenizer)
-    right = "But then begins a journey in my head"
-    given = next(a for a, b in poems.line_pairs(corpus.split("heldout")) if b == right)
-    conversation = [[{"role": "user", "content": question(given, "next")}]]
-    assert poems.Answerer(mdm, replace(decoding, likelihood_samples=0)).chat(conversation) == [""]
-    assert poems.Answerer(mdm, decoding).chat(conversation) == [right]
-    # The sonnet's first line: there the empty candidate (its slots the end of text) also led on confidence +
-    # likelihood (kept until empty answers were ruled out); the best of the others is the right line.
-    given, right = "Weary with toil, I haste me to my bed,", "The dear respose for limbs with travel tir'd;"
-    assert (given, right) in poems.line_pairs(corpus.split("heldout"))
-    answers = poems.Answerer(mdm, decoding).chat([[{"role": "user", "content": question(given, "next")}]])
-    assert answers == [right]
+    pairs = poems.line_pairs(corpus.split("heldout"))
+    cases = [("Lord of my love, to whom in vassalage", "next", "To thee I send this written embassage,"),
+             ("I sigh the lack of many a thing I sought,", "previous", "Not from the stars do I my judgement pluck;"),
+             ("From sullen earth, sings hymns at heaven's gate,;", "next", "")]
+    conversations = [[{"role": "user", "content": question(given, direction)}] for given, direction, _ in cases]
+    confident = poems.Answerer(mdm, replace(decoding, likelihood_samples=0)).chat(conversations)
+    kept = poems.Answerer(mdm, decoding).chat(conversations)
+    assert confident == [alone for *_, alone in cases]
+    for (given, direction, _), answer in zip(cases[:2], kept[:2]):
+        right = next(b if direction == "next" else a for a, b in pairs if (a if direction == "next" else b) == given)
+        assert answer == right
+    assert kept[2] != ""
 
 
 def test_answer_likelihood_reads_the_answer_in_its_own_canvas(tiny_mdm):
@@ -450,8 +452,8 @@ def test_eval_cli_errors(capsys):
 
 def test_length_search_answers_the_bundled_mdm_in_whole_lines():
     """Fixed-length decoding lets the bundled MDM commit its end-of-answer padding before the content;
-    decoding every line length of the SFT sonnets and keeping the most confident does better (on 65
-    pairs: SFT split forward 87.7 against 69.2, held-out 52.3 against 27.7)."""
+    decoding every line length of the SFT sonnets and keeping the most confident does better (here on 20
+    SFT-sonnet pairs per direction, both directions counted)."""
     mdm = load_model(BUNDLED_MODELS / "sonnets-mdm", device="cpu")
     corpus = PoemCorpus.for_card(mdm.card)
     search = Decoding.for_model(mdm.card, corpus, mdm.tokenizer)
