@@ -462,7 +462,8 @@ class Studio:
         lengths = self._lengths(settings)
         try:
             if lengths:
-                steps = poems.chat_steps(denoiser, ids, prompt_ids, None, config, replace(self.decoding, lengths=lengths))
+                steps = poems.chat_steps(denoiser, ids, prompt_ids, None, config,
+                                         replace(self.decoding, lengths=lengths))
             else:
                 steps = sample_steps(denoiser, prompt_ids, None, config, mask_id=ids.mask, eos_id=ids.eos,
                                      eot_id=ids.eot)
@@ -483,7 +484,8 @@ class Studio:
             raise RequestError(f"the line is too long: with a gap of up to {max(lengths)} tokens its canvas is "
                                f"{longest} tokens, over the model's context of {denoiser.max_length}")
         try:
-            steps = poems.completion_steps(denoiser, tok, ids, [line], direction, replace(self.decoding, lengths=lengths))
+            steps = poems.completion_steps(denoiser, tok, ids, [line], direction,
+                                           replace(self.decoding, lengths=lengths))
         except ValueError as e:
             raise RequestError(str(e)) from None
         blank = poems.completion_canvas(tok, ids, line, direction, min(lengths))[1:]

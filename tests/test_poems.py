@@ -219,8 +219,8 @@ def test_chat_search_keeps_confidence_plus_the_likelihood_of_the_answer(tiny_mdm
             want = max(picks, key=lambda k: (scores[k], -k))
         assert torch.equal(kept.ids[b], rows[want])
     plain = list(length_search_steps(d, x, attn, config, lengths, **kw))[-1]
-    assert torch.equal(list(poems.chat_steps(d, ids, x, attn, config, Decoding(lengths=lengths, likelihood_samples=0)))[-1].ids,
-                       plain.ids)
+    unscored = Decoding(lengths=lengths, likelihood_samples=0)
+    assert torch.equal(list(poems.chat_steps(d, ids, x, attn, config, unscored))[-1].ids, plain.ids)
     for bad in ("likelihood_samples", "rescore_top"):
         with pytest.raises(ValueError, match=f"{bad} must be >= 0"):
             Decoding(lengths=lengths, **{bad: -1})
