@@ -272,20 +272,20 @@ def completion_steps(denoiser, tokenizer, ids, lines: Sequence[str], direction: 
     """
     from .generation import candidate_steps
 
-    lengths, d = decoding.gap_lengths(), decoding
+    lengths = decoding.gap_lengths()
     canvases, attn = completion_batch(tokenizer, ids, lines, direction, lengths)
     rescore = None
-    if d.likelihood_samples:
+    if decoding.likelihood_samples:
         def rescore(final: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:  # [N]; row k * B + b answers lines[b]
             rows = rows.tolist()
             given = [lines[r % len(lines)] for r in rows]
             answers = [gap_text(tokenizer, ids, row, canvases[r].tolist(), line)
                        for row, r, line in zip(final.tolist(), rows, given)]
             return answer_likelihood(denoiser, tokenizer, ids, given, answers, direction,
-                                     d.likelihood_samples, d.boundary_slots).to(final.device)
+                                     decoding.likelihood_samples, decoding.boundary_slots).to(final.device)
     return candidate_steps(denoiser, canvases, attn, len(lengths), completion_config(canvases.shape[1]),
                            prompt_length=1, mask_id=ids.mask, eos_id=ids.eos, eot_id=ids.eot, rescore=rescore,
-                           rescore_top=d.rescore_top)
+                           rescore_top=decoding.rescore_top)
 
 
 def chat_steps(denoiser, ids, prompt_ids: torch.Tensor, attention_mask: torch.Tensor | None, config,
