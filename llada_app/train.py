@@ -115,7 +115,7 @@ class TrainConfig:
 # chats cost the MDM's memory of the text (completion 84.6 / 67.7 held-out on a base, 67.7 / 64.6 after
 # SFT), each schedule measured worse for the other objective, and the base's 500 warm-up steps (in place
 # of 100) leave the loss plateau of the first steps sooner: more recall over three seeds; 9,000 steps in place
-# of 6,000 add about 10 points on the held-out previous line, the two seeds measured within 1.6 points.
+# of 6,000 add about 9 points on the held-out previous line, three seeds within 1.6 (next) and 3.0 (previous).
 _SHAPE = dict(SHAPES["sonnets"])  # d_model, heads, layers, MLP width, context, RoPE, vocabulary
 _BUNDLED = dict(n_sonnets=30, **_SHAPE, seq_len=128, batch_size=32, save_every=200, eval_limit=20)
 _BUNDLED_BASE = dict(_BUNDLED, stage="pretrain", pretrain_steps=9000, sft_steps=0, lr=3e-3, warmup_steps=500,
