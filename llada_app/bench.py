@@ -45,6 +45,7 @@ GENERIC_QUESTIONS = [
 class Prompt:
     question: str
     expected: str | None = None  # the correct answer, when the question comes from the poem corpus
+    given: str | None = None  # the line the question asks about (poem prompts)
 
 
 @dataclass
@@ -161,7 +162,7 @@ def poem_prompts(n: int, card: ModelCard, split: str = "heldout") -> list[Prompt
     out = []
     for k in range(n):
         a, b = pairs[(k * stride) % len(pairs)]
-        out.append(Prompt(question(a, "next"), b) if k % 2 == 0 else Prompt(question(b, "previous"), a))
+        out.append(Prompt(question(a, "next"), b, a) if k % 2 == 0 else Prompt(question(b, "previous"), a, b))
     return out
 
 
@@ -200,6 +201,8 @@ class Job:
     config: GenerationConfig | None
     ids: object  # SpecialIds of the job's model
     search: Decoding | None = None  # a length search as the page runs it (poems.chat_steps): lengths, re-scoring
+    tokenizer: object = None  # the length search's: it reads the answers of poem questions
+    given: list | None = None  # the length search: per batch, the lines its questions ask about (None: not poems)
     runs: list = field(default_factory=list)  # (wall s, cpu s, denoiser s, nfe per batch) per timed run
     outs: list = field(default_factory=list)  # answer slots per batch, from the last run
 
@@ -208,9 +211,10 @@ class Job:
         den.seconds, den.calls, outs = 0.0, 0, []
         _sync(den.device)
         t, c = time.perf_counter(), time.process_time()
-        for prompt, attn in self.batches:
+        for k, (prompt, attn) in enumerate(self.batches):
             if self.search:
-                for final in chat_steps(den, ids, prompt, attn, self.config, self.search):
+                given = None if self.given is None else self.given[k]
+                for final in chat_steps(den, self.tokenizer, ids, prompt, attn, self.config, self.search, given):
                     pass
                 seq = final.ids
             else:
@@ -308,8 +312,11 @@ def run_bench(args) -> dict:
         jobs += [Job(f"compiled {mode}", captured, batches, configs[mode], loaded.ids)
                  for mode in modes if configs[mode].cache != "prefix"]
     if args.lengths:
+        given = None if any(p.given is None for p in prompts) else [
+            [p.given for p in prompts[k:k + args.batch_size]] for k in range(0, n, args.batch_size)]
         jobs.append(Job("length-search", denoiser, batches, configs["vanilla"], loaded.ids,
-                        search=Decoding(lengths=args.lengths, likelihood_samples=args.likelihood_samples)))
+                        search=Decoding(lengths=args.lengths, likelihood_samples=args.likelihood_samples),
+                        tokenizer=loaded.tokenizer, given=given))
     if arm:
         jobs.append(Job("arm (KV cache)", arm[0], batches_for(arm[1]), None, arm[1].ids))
     measure(jobs, args.repeats, args.warmup, G, progress=not args.json and sys.stderr.isatty())

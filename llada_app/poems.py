@@ -40,8 +40,9 @@ RESCORE_TOP = 8  # MDM searches: that likelihood re-scores each question's 8 mos
 GEN_LENGTH = 32  # chat: answer slots (= block length = steps) of a model that does not say its own
 EVALUATION = "evaluation.json"  # the stored evaluation in a model folder (see `store_evaluation`)
 # What the `Decoding` settings do not show: raised when the score that keeps a candidate changes, so that
-# evaluations stored under the older rule are refused as stale. 2: the chat search's likelihood.
-SCORING_VERSION = 2
+# evaluations stored under the older rule are refused as stale. 2: the chat search's likelihood; 3: an
+# answer that repeats the given line is ruled out (`repeats`).
+SCORING_VERSION = 3
 
 # Figures quoted from the LLaDA paper (Nie et al. 2025, Table 4: 496 Chinese couplets, chat protocol,
 # forward / reversal exact match). Shown beside measured ones, always labelled as quoted.
@@ -57,6 +58,14 @@ _PUNCT = str.maketrans("", "", string.punctuation + "\u2018\u2019\u201c\u201d" +
 def normalise(text: str) -> str:
     """Case, whitespace and punctuation (Chinese included) do not count in exact match."""
     return " ".join(text.lower().translate(_PUNCT).split())
+
+
+def repeats(lines: Sequence[str], answers: Sequence[str]) -> torch.Tensor:
+    """[N] bool: each answer is its given line again (exact match after `normalise`). The line before or
+    after a line is never the line itself (no two adjacent lines of the sonnets are equal), yet a masked
+    model that reads the given line beside its gap sometimes copies it: the searches rule such an answer
+    out while another candidate says something else."""
+    return torch.tensor([normalise(a) == normalise(line) for line, a in zip(lines, answers)], dtype=torch.bool)
 
 
 def is_chinese(text: str) -> bool:
@@ -268,7 +277,7 @@ def completion_steps(denoiser, tokenizer, ids, lines: Sequence[str], direction: 
     masking ratio and, with boundary_slots > 0, whether a line can end (next) or begin (previous) right
     where the answer does: the confidence alone misses a gap one token short filled with the rest of the
     line. The likelihood reads only the `rescore_top` candidates of best confidence per line (0: all):
-    the others are not kept.
+    the others are not kept; of those, an answer that `repeats` its given line is ruled out.
     """
     from .generation import candidate_steps
 
@@ -281,31 +290,36 @@ def completion_steps(denoiser, tokenizer, ids, lines: Sequence[str], direction: 
             given = [lines[r % len(lines)] for r in rows]
             answers = [gap_text(tokenizer, ids, row, canvases[r].tolist(), line)
                        for row, r, line in zip(final.tolist(), rows, given)]
-            return answer_likelihood(denoiser, tokenizer, ids, given, answers, direction,
-                                     decoding.likelihood_samples, decoding.boundary_slots).to(final.device)
+            score = answer_likelihood(denoiser, tokenizer, ids, given, answers, direction,
+                                      decoding.likelihood_samples, decoding.boundary_slots)
+            return score.masked_fill(repeats(given, answers), -torch.inf).to(final.device)
     return candidate_steps(denoiser, canvases, attn, len(lengths), completion_config(canvases.shape[1]),
                            prompt_length=1, mask_id=ids.mask, eos_id=ids.eos, eot_id=ids.eot, rescore=rescore,
                            rescore_top=decoding.rescore_top)
 
 
-def chat_steps(denoiser, ids, prompt_ids: torch.Tensor, attention_mask: torch.Tensor | None, config,
-               decoding: Decoding):
+def chat_steps(denoiser, tokenizer, ids, prompt_ids: torch.Tensor, attention_mask: torch.Tensor | None, config,
+               decoding: Decoding, given: Sequence[str] | None = None):
     """The masked-diffusion side of the chat protocol: the answer-length search over `decoding.lengths`
-    (generation.length_search_steps) of prompt_ids [B, P] (left-padded; attention_mask [B, P] or None).
+    (generation.length_search_steps) of prompt_ids [B, P] (left-padded; attention_mask [B, P] or None);
+    `given`: per prompt, the line its question asks about (None: a question about no line).
 
     The kept length has the best mean log-confidence of its revealed tokens plus (likelihood_samples > 0)
     the mean log-likelihood per token of its answer slots in the finished canvas (the question before
     them, the stop token after: `likelihood.gap_log_likelihood`, seed 0), as the completion protocol keeps
     its gap: chosen on the SFT sonnets' pairs, where it beat the confidence alone on both directions. As
     there, only the `rescore_top` candidates of best confidence per question are scored (0: all), and an
-    empty answer (a stop token in its first slot) is ruled out.
+    empty answer (a stop token in its first slot) is ruled out, as is one that `repeats` its given line.
     """
     from .generation import length_search_steps
     from .likelihood import gap_log_likelihood
+    from .tokenization import decode_answer
 
     lengths, samples = decoding.lengths, decoding.likelihood_samples
     if not lengths:
         raise ValueError("a length search needs candidate lengths (Decoding.lengths)")
+    if given is not None and len(given) != prompt_ids.shape[0]:
+        raise ValueError(f"given: one line per prompt, got {len(given)} for {prompt_ids.shape[0]} prompts")
     rescore = None
     if samples:
         (B, P), ordered = prompt_ids.shape, sorted(lengths)
@@ -318,8 +332,11 @@ def chat_steps(denoiser, ids, prompt_ids: torch.Tensor, attention_mask: torch.Te
             attn = None if attention_mask is None else torch.cat(  # the prompt's padding, then the answer
                 [attention_mask.cpu().long()[rows % B], torch.ones_like(x[:, P:])], 1)
             total = gap_log_likelihood(denoiser, x, slots, attn, mask_id=ids.mask, mc_num=samples, seed=0)
-            empty = torch.isin(x[:, P], torch.tensor([t for t in (ids.eos, ids.eot) if t is not None]))  # [N]
-            return (total / n).masked_fill(empty, -torch.inf).to(final.device)  # an empty answer: never kept
+            out = torch.isin(x[:, P], torch.tensor([t for t in (ids.eos, ids.eot) if t is not None]))  # [N] empty
+            if given is not None:
+                answers = [decode_answer(tokenizer, row[P:P + k], ids) for row, k in zip(x.tolist(), n.tolist())]
+                out |= repeats([given[r % B] for r in rows.tolist()], answers)
+            return (total / n).masked_fill(out, -torch.inf).to(final.device)  # never kept
     return length_search_steps(denoiser, prompt_ids, attention_mask, config, lengths, mask_id=ids.mask,
                                eos_id=ids.eos, eot_id=ids.eot, rescore=rescore, rescore_top=decoding.rescore_top)
 
@@ -450,12 +467,15 @@ class Answerer:
             progress(len(out) / len(items))
         return out
 
-    def chat(self, conversations: list[list[dict]], progress: Callable[[float], None] = lambda f: None) -> list[str]:
-        """Chat protocol: conversations ([{"role", "content"}], ending with a user turn) -> answers."""
+    def chat(self, conversations: list[list[dict]], given: list[str],
+             progress: Callable[[float], None] = lambda f: None) -> list[str]:
+        """Chat protocol: conversations ([{"role", "content"}], ending with a user turn about the line
+        `given[i]`) -> answers."""
         search = self.decoding.lengths if not self.causal else None
-        return self._batched(conversations, len(search) if search else 1, self._chat_batch, progress)
+        return self._batched(list(zip(conversations, given)), len(search) if search else 1,
+                             lambda batch: self._chat_batch(*map(list, zip(*batch))), progress)
 
-    def _chat_batch(self, conversations: list[list[dict]]) -> list[str]:
+    def _chat_batch(self, conversations: list[list[dict]], given: list[str]) -> list[str]:
         from .generation import generate_answers, pad_prompts
         from .tokenization import chat_prompt_ids, decode_answer
 
@@ -463,7 +483,7 @@ class Answerer:
         x, attn = pad_prompts([chat_prompt_ids(tok, c) for c in conversations], ids.pad)  # [B, P], left-padded
         if d.lengths and not self.causal:
             final = None
-            for final in chat_steps(self.denoiser, ids, x, attn, self.chat_config(), d):
+            for final in chat_steps(self.denoiser, tok, ids, x, attn, self.chat_config(), d, given):
                 pass
             seq = final.ids
         else:
@@ -529,8 +549,10 @@ def evaluate(loaded, corpus: PoemCorpus, split: str = "heldout", protocol: str =
     turns = multiturn and chat
     share = 0.25 if turns else 0.5  # of the progress, per direction (the follow-ups take the other half)
     if chat:
-        fwd = answer.chat([[_user(question(a, "next"))] for a, _ in pairs], lambda f: progress(share * f))
-        rev = answer.chat([[_user(question(b, "previous"))] for _, b in pairs], lambda f: progress(share * (1 + f)))
+        fwd = answer.chat([[_user(question(a, "next"))] for a, _ in pairs], [a for a, _ in pairs],
+                          lambda f: progress(share * f))
+        rev = answer.chat([[_user(question(b, "previous"))] for _, b in pairs], [b for _, b in pairs],
+                          lambda f: progress(share * (1 + f)))
     else:
         fwd = answer.complete([a for a, _ in pairs], "next", lambda f: progress(share * f))
         rev = answer.complete([b for _, b in pairs], "previous", lambda f: progress(share * (1 + f)))
@@ -551,15 +573,17 @@ def _followups(answer: Answerer, pairs, progress) -> list[bool]:
     """A chain of two adjacent pairs: ask one step, then "and the line after/before that?" on the
     model's own first answer; the follow-up's expected line is two away from the asked one."""
     chains = [(p, q) for p, q in zip(pairs, pairs[1:]) if p[1] == q[0]]
-    convs = []
+    convs = []  # (asked line, expected follow-up answer, direction)
     for (a, _), (_, c) in chains:
-        convs.append(([_user(question(a, "next"))], c, "next"))
-        convs.append(([_user(question(c, "previous"))], a, "previous"))
+        convs.append((a, c, "next"))
+        convs.append((c, a, "previous"))
     if not convs:
         return []
-    first = answer.chat([c for c, _, _ in convs], lambda f: progress(0.5 + 0.25 * f))
-    second = answer.chat([c + [{"role": "assistant", "content": f}, _user(followup_question(d))]
-                          for (c, _, d), f in zip(convs, first)], lambda f: progress(0.75 + 0.25 * f))
+    first = answer.chat([[_user(question(g, d))] for g, _, d in convs], [g for g, _, _ in convs],
+                        lambda f: progress(0.5 + 0.25 * f))
+    second = answer.chat([[_user(question(g, d)), {"role": "assistant", "content": f}, _user(followup_question(d))]
+                          for (g, _, d), f in zip(convs, first)], first,  # the follow-up asks about the answer
+                         lambda f: progress(0.75 + 0.25 * f))
     return [normalise(x) == normalise(e) for x, (_, e, _) in zip(second, convs)]
 
 

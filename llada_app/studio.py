@@ -252,7 +252,8 @@ class Studio:
         if protocol == "chat":
             question = poems.ask(line, direction)
             messages = [{"role": "user", "content": question}]
-            mdm = self._stream_mdm_chat(chat_prompt_ids(self.mdm.tokenizer, messages), settings, should_stop)
+            mdm = self._stream_mdm_chat(chat_prompt_ids(self.mdm.tokenizer, messages), settings, should_stop,
+                                        given=line)
             arm = None if self.arm is None else self._stream_arm(
                 chat_prompt_ids(self.arm.tokenizer, messages), settings.gen_length, settings, should_stop,
                 _View([], self._chat_answer(self.arm)), stop_ids=sorted({self.arm.ids.eos, self.arm.ids.eot}))
@@ -451,8 +452,9 @@ class Studio:
 
     def _stream_mdm_chat(self, prompt: list[int], settings: ChatSettings,
                          should_stop: Callable[[], bool] | None = None, note: str = "",
-                         denoiser: Denoiser | None = None) -> Iterator[Frame]:
-        """A length search keeps its candidate as the poem task's chat protocol does (`poems.chat_steps`)."""
+                         denoiser: Denoiser | None = None, given: str | None = None) -> Iterator[Frame]:
+        """A length search keeps its candidate as the poem task's chat protocol does (`poems.chat_steps`;
+        `given`: the line a poem question asks about)."""
         from .generation import initial_sequence, sample_steps
 
         denoiser = denoiser or self.current_denoiser()  # kept for the whole request, whatever the Export tab does
@@ -462,8 +464,8 @@ class Studio:
         lengths = self._lengths(settings)
         try:
             if lengths:
-                steps = poems.chat_steps(denoiser, ids, prompt_ids, None, config,
-                                         replace(self.decoding, lengths=lengths))
+                steps = poems.chat_steps(denoiser, self.mdm.tokenizer, ids, prompt_ids, None, config,
+                                         replace(self.decoding, lengths=lengths), None if given is None else [given])
             else:
                 steps = sample_steps(denoiser, prompt_ids, None, config, mask_id=ids.mask, eos_id=ids.eos,
                                      eot_id=ids.eot)

@@ -18,6 +18,8 @@ from llada_app.modeling import LLaDAModelLM
 from llada_app.poems import (Decoding, PoemCorpus, StaleEvaluation, completion_batch, completion_canvas, evaluate,
                              format_table, line_pairs, normalise, stored_evaluation, store_evaluation)
 
+from llada_app.tokenization import decode_answer
+
 from conftest import tiny_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -190,8 +192,8 @@ def test_chat_search_keeps_confidence_plus_the_likelihood_of_the_answer(tiny_mdm
         return real(denoiser, rows, slots, attention_mask, **kw)
 
     monkeypatch.setattr(llada_app.likelihood, "gap_log_likelihood", spy)
-    kept = list(poems.chat_steps(d, ids, x, attn, config,
-                                 Decoding(lengths=lengths, likelihood_samples=8, rescore_top=top)))[-1]
+    kept = list(poems.chat_steps(d, tok, ids, x, attn, config,
+                                 Decoding(lengths=lengths, likelihood_samples=8, rescore_top=top), lines))[-1]
     monkeypatch.undo()
     (rows, slots, row_attn), = scored
     assert len(rows) == len(lines) * (top or len(lengths))  # each question's `top` candidates, once each
@@ -209,23 +211,50 @@ def test_chat_search_keeps_confidence_plus_the_likelihood_of_the_answer(tiny_mdm
             full = torch.cat([attn[b], torch.ones(config.gen_length, dtype=torch.long)])
             elbo = float(gap_log_likelihood(d, row[None], slots[None], full[None], mask_id=ids.mask, mc_num=8, seed=0))
             empty = int(row[P]) in (ids.eos, ids.eot)  # the answer stops at once: never kept
-            scores.append(-math.inf if empty else conf + elbo / L)
+            copy = normalise(decode_answer(tok, row[P:P + L].tolist(), ids)) == normalise(lines[b])  # nor is this
+            scores.append(-math.inf if empty or copy else conf + elbo / L)
             rows.append(row)
             confs.append(conf)
         picks = _top(confs, top)
-        if all(scores[k] == -math.inf for k in picks):  # nothing but empty answers: the most confident
+        if all(scores[k] == -math.inf for k in picks):  # every answer ruled out: the most confident
             want = picks[0]
         else:
             want = max(picks, key=lambda k: (scores[k], -k))
         assert torch.equal(kept.ids[b], rows[want])
     plain = list(length_search_steps(d, x, attn, config, lengths, **kw))[-1]
     unscored = Decoding(lengths=lengths, likelihood_samples=0)
-    assert torch.equal(list(poems.chat_steps(d, ids, x, attn, config, unscored))[-1].ids, plain.ids)
+    assert torch.equal(list(poems.chat_steps(d, tok, ids, x, attn, config, unscored, lines))[-1].ids, plain.ids)
     for bad in ("likelihood_samples", "rescore_top"):
         with pytest.raises(ValueError, match=f"{bad} must be >= 0"):
             Decoding(lengths=lengths, **{bad: -1})
     with pytest.raises(ValueError, match="needs candidate lengths"):
-        poems.chat_steps(d, ids, x, attn, config, Decoding())
+        poems.chat_steps(d, tok, ids, x, attn, config, Decoding())
+    with pytest.raises(ValueError, match="one line per prompt"):
+        poems.chat_steps(d, tok, ids, x, attn, config, unscored, lines[:1])
+
+
+@pytest.mark.parametrize("protocol", poems.PROTOCOLS)
+def test_searches_never_keep_a_copy_of_the_given_line(monkeypatch, protocol):
+    """The bundled models copy a given line into their answer now and then; the neighbour of a line is never
+    the line itself, so both searches rule such an answer out and keep the right line here. SFT sonnets,
+    previous line: the base's completion and the chat model's question each copy the line without the rule."""
+    folder, given, right = {"completion": ("sonnets-mdm-base", "In thee thy summer, ere thou be distill'd:",
+                                           "Then let not winter's ragged hand deface,"),
+                            "chat": ("sonnets-mdm", "Will be a tatter'd weed of small worth held:",
+                                     "Thy youth's proud livery so gazed on now,")}[protocol]
+    mdm = load_model(BUNDLED_MODELS / folder, device="cpu")
+    decoding = Decoding.for_model(mdm.card, PoemCorpus.for_card(mdm.card), mdm.tokenizer)
+    answer = poems.Answerer(mdm, decoding)
+
+    def ask():
+        if protocol == "chat":
+            return answer.chat([[{"role": "user", "content": question(given, "previous")}]], [given])[0]
+        return answer.complete([given], "previous")[0]
+
+    assert ask() == right
+    assert poems.repeats([given, given], [given.upper(), right]).tolist() == [True, False]
+    monkeypatch.setattr(poems, "repeats", lambda lines, answers: torch.zeros(len(answers), dtype=torch.bool))
+    assert normalise(ask()) == normalise(given)  # the rule is what keeps the right line
 
 
 def test_chat_search_with_the_likelihood_keeps_lines_the_confidence_alone_misses():
@@ -241,8 +270,9 @@ def test_chat_search_with_the_likelihood_keeps_lines_the_confidence_alone_misses
              ("I sigh the lack of many a thing I sought,", "previous", "Not from the stars do I my judgement pluck;"),
              ("From sullen earth, sings hymns at heaven's gate,;", "next", "")]
     conversations = [[{"role": "user", "content": question(given, direction)}] for given, direction, _ in cases]
-    confident = poems.Answerer(mdm, replace(decoding, likelihood_samples=0)).chat(conversations)
-    kept = poems.Answerer(mdm, decoding).chat(conversations)
+    given = [given for given, *_ in cases]
+    confident = poems.Answerer(mdm, replace(decoding, likelihood_samples=0)).chat(conversations, given)
+    kept = poems.Answerer(mdm, decoding).chat(conversations, given)
     assert confident == [alone for *_, alone in cases]
     for (given, direction, _), answer in zip(cases[:2], kept[:2]):
         right = next(b if direction == "next" else a for a, b in pairs if (a if direction == "next" else b) == given)
@@ -343,7 +373,8 @@ class _Oracle:
         progress(1.0)
         return out
 
-    def chat(self, conversations, progress=lambda f: None):
+    def chat(self, conversations, given, progress=lambda f: None):
+        assert len(given) == len(conversations)
         out = []
         for conv in conversations:
             line, direction = None, None
@@ -376,14 +407,15 @@ def test_evaluate_scores_exact_matches(monkeypatch, tiny_mdm, protocol):
 
 
 def test_answerer_runs_every_decoder(tiny_mdm, tiny_arm):
-    conv = [[{"role": "user", "content": question("From fairest creatures we desire increase,", "next")}]] * 2
+    line = "From fairest creatures we desire increase,"
+    conv = [[{"role": "user", "content": question(line, "next")}]] * 2
     for loaded in (tiny_mdm, tiny_arm):
         for decoding in (Decoding(gen_length=8), Decoding(gen_length=8, lengths=range(2, 5))):
             a = poems.Answerer(loaded, decoding)
-            answers = a.chat(conv)
+            answers = a.chat(conv, [line] * 2)
             assert len(answers) == 2 and answers[0] == answers[1]  # greedy decoding of the same prompt
             seen = []
-            assert poems.Answerer(loaded, decoding, batch_size=1).chat(conv, seen.append) == answers
+            assert poems.Answerer(loaded, decoding, batch_size=1).chat(conv, [line] * 2, seen.append) == answers
             assert seen == [0.5, 1.0]  # after each batch
     with pytest.raises(ValueError, match="not divisible by block length"):
         poems.Answerer(tiny_mdm, Decoding(gen_length=8, block_length=3))

@@ -444,7 +444,7 @@ def test_bundled_checkpoints_load_and_chat(name, causal):
     stored = stored_evaluation(loaded.folder, evaluation_key(loaded, decoding, STORED_LIMITS))
     item = next(r for r in stored if r.protocol == "chat" and r.split == "train").examples("previous")[0]
     q = question(item["given"], "previous")
-    assert Answerer(loaded, decoding).chat([[{"role": "user", "content": q}]]) == [item["expected"]]
+    assert Answerer(loaded, decoding).chat([[{"role": "user", "content": q}]], [item["given"]]) == [item["expected"]]
 
 
 def test_bundled_checkpoints_fit_the_size_budget():
