@@ -17,7 +17,6 @@ from llada_app.loading import BUNDLED_MODELS, LoadedModel, ModelCard, load_model
 from llada_app.modeling import LLaDAModelLM
 from llada_app.poems import (Decoding, PoemCorpus, StaleEvaluation, completion_batch, completion_canvas, evaluate,
                              format_table, line_pairs, normalise, stored_evaluation, store_evaluation)
-
 from llada_app.tokenization import decode_answer
 
 from conftest import tiny_config
