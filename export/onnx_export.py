@@ -40,6 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from llada_app.backends import past_names
 from llada_app.loading import model_fingerprint
 from llada_app.modeling import LLaDAModelLM, rope_cos_sin
 
@@ -203,13 +204,6 @@ def grouped_attention(q, k, v, bias):
     rows = (nh // nkv) * T
     weights = torch.softmax(q.reshape(B, nkv, rows, hd) @ k.transpose(2, 3) + bias, dim=-1)  # [B, nkv, rows, S]
     return (weights @ v).reshape(B, nh, T, hd)
-
-
-def past_names(n_layers: int) -> tuple[list[str], list[str]]:
-    """Optimum's names for the cache inputs and outputs, key then value per layer."""
-    inputs = [f"past_key_values.{i}.{kv}" for i in range(n_layers) for kv in ("key", "value")]
-    outputs = [f"present.{i}.{kv}" for i in range(n_layers) for kv in ("key", "value")]
-    return inputs, outputs
 
 
 # ---------------------------------------------------------------- export

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
 import torch
 
 from .loading import read_json_object
@@ -83,6 +84,8 @@ class OnnxDenoiser:
     CPU: the CPU execution provider, numpy in and out (shared memory with the torch tensors).
     CUDA: the CUDA execution provider — an error, never a silent CPU fallback, when it cannot be
     created — with IO binding, so ids, K/V and logits stay on the GPU between steps.
+    `io_binding=True` runs that same IO-binding code on a CPU too (ONNX Runtime reads and writes torch's
+    buffers in place), which is how it is tested on a machine without a GPU.
     The cache modes use the folder's `model_with_past.onnx`; without it `supports_cache` is False.
     Only the generic graph optimiser of ONNX Runtime runs (levels disable/basic/extended/all); the
     causal-attention fusion presets of `onnxruntime.transformers` are never applied.
@@ -92,11 +95,16 @@ class OnnxDenoiser:
     deferred_sync = False  # its IO-binding run waits for torch's stream anyway
 
     def __init__(self, folder, *, device: str | torch.device = "cpu", expect_config=None, tokenizer=None,
-                 fingerprint: str | None = None, threads: int | None = None, optimization: str = "all"):
+                 fingerprint: str | None = None, threads: int | None = None, optimization: str = "all",
+                 io_binding: bool | None = None):
         import onnxruntime as ort
 
         self.folder = Path(folder).expanduser()
         self.device = torch.device(device)
+        self.io_binding = self.device.type == "cuda" if io_binding is None else io_binding  # always on a GPU
+        if self.device.type == "cuda" and not self.io_binding:
+            raise OnnxBackendError("on cuda the ONNX back end always runs with IO binding (the tensors stay on "
+                                   "the GPU)")
         self.config, self.manifest = _read_export_folder(self.folder)
         if expect_config is not None:
             _match_config(self.folder, self.config, expect_config)
@@ -128,8 +136,7 @@ class OnnxDenoiser:
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise OnnxBackendError("device cuda was asked for, but this onnxruntime build has no "
                                        "CUDAExecutionProvider (install onnxruntime-gpu)")
-            self._device_id = self.device.index or 0
-            providers = [("CUDAExecutionProvider", {"device_id": self._device_id}), "CPUExecutionProvider"]
+            providers = [("CUDAExecutionProvider", {"device_id": self.device.index or 0}), "CPUExecutionProvider"]
         elif self.device.type == "cpu":
             providers = ["CPUExecutionProvider"]
         else:
@@ -152,6 +159,7 @@ class OnnxDenoiser:
         self._n_layers, self._n_kv, self._head_dim = (
             self.config["n_layers"], self.config.get("n_kv_heads") or self.config["n_heads"],
             self.config["d_model"] // self.config["n_heads"])
+        self._past_inputs, self._presents = past_names(self._n_layers)
 
     def _check_graph(self, expect_config) -> None:
         inputs = [i.name for i in self.session.get_inputs()]
@@ -203,14 +211,13 @@ class OnnxDenoiser:
             if past_len < start and past_key_values is not None:
                 raise ValueError(f"the cache covers {past_len} positions, but the queries start at {start}")
             kv_shape = (B, self._n_kv, S, self._head_dim)
-            for i in range(self._n_layers):
-                for j, kind in enumerate(("key", "value")):
-                    feeds[f"past_key_values.{i}.{kind}"] = self._full_length_past(
-                        None if past_key_values is None else past_key_values[i][j], kv_shape, input_ids.device)
+            pasts = ([None] * len(self._past_inputs) if past_key_values is None
+                     else [t for kv in past_key_values for t in kv])  # key, value per layer
+            for name, past in zip(self._past_inputs, pasts):
+                feeds[name] = self._full_length_past(past, kv_shape, input_ids.device)
             wanted = {"logits": (B, T, V)}
             if use_cache:  # only fetched when asked for (a dual-cache block step reads the logits only)
-                wanted.update({f"present.{i}.{kind}": kv_shape for i in range(self._n_layers)
-                               for kind in ("key", "value")})
+                wanted.update(dict.fromkeys(self._presents, kv_shape))
             outs = self._run(self.past_session, feeds, wanted, cpu_feeds={"start": start})
             logits = outs[0]
             presents = tuple((outs[1 + 2 * i], outs[2 + 2 * i]) for i in range(self._n_layers)) if use_cache else None
@@ -240,20 +247,19 @@ class OnnxDenoiser:
 
     def _run(self, session, feeds: dict, outputs: dict, cpu_feeds: dict) -> list[torch.Tensor]:
         """One session run; `outputs` maps names to shapes; `cpu_feeds` are host scalars (int64)."""
-        import numpy as np
-
-        if self.device.type == "cpu":
+        if not self.io_binding:  # a CPU: numpy views of the torch tensors in, numpy arrays out
             arrays = {k: _as_numpy(v) for k, v in feeds.items()}
             arrays.update({k: np.asarray(v, dtype=np.int64) for k, v in cpu_feeds.items()})
             return [torch.from_numpy(a) for a in session.run(list(outputs), arrays)]
-        # CUDA: bind torch's GPU buffers in place; outputs are allocated by torch (its caching
-        # allocator makes per-step allocation cheap) and filled by ONNX Runtime.
+        # IO binding: ONNX Runtime reads torch's buffers in place and writes into outputs allocated by
+        # torch (on a GPU its caching allocator makes per-step allocation cheap).
+        kind, index = self.device.type, self.device.index or 0
         binding = session.io_binding()
         keep = []  # the bound tensors must outlive the run
         for name, t in feeds.items():
             t = t.to(self.device).contiguous()
             keep.append(t)
-            binding.bind_input(name, "cuda", self._device_id, _numpy_dtype(t.dtype), tuple(t.shape), t.data_ptr())
+            binding.bind_input(name, kind, index, _numpy_dtype(t.dtype), tuple(t.shape), t.data_ptr())
         for name, value in cpu_feeds.items():
             keep.append(np.asarray(value, dtype=np.int64))
             binding.bind_cpu_input(name, keep[-1])
@@ -261,11 +267,18 @@ class OnnxDenoiser:
         for name, shape in outputs.items():
             o = torch.empty(shape, dtype=self.dtype, device=self.device)
             results.append(o)
-            binding.bind_output(name, "cuda", self._device_id, _numpy_dtype(o.dtype), tuple(shape), o.data_ptr())
-        # ORT runs on its own CUDA stream: let torch's pending work on the inputs finish first.
-        torch.cuda.current_stream(self.device).synchronize()
+            binding.bind_output(name, kind, index, _numpy_dtype(o.dtype), tuple(shape), o.data_ptr())
+        if kind == "cuda":  # ORT runs on its own CUDA stream: let torch's pending work on the inputs finish first
+            torch.cuda.current_stream(self.device).synchronize()
         session.run_with_iobinding(binding)
         return results
+
+
+def past_names(n_layers: int) -> tuple[list[str], list[str]]:
+    """Optimum's names for the cache graph's inputs and outputs, key then value per layer."""
+    inputs = [f"past_key_values.{i}.{kv}" for i in range(n_layers) for kv in ("key", "value")]
+    outputs = [f"present.{i}.{kv}" for i in range(n_layers) for kv in ("key", "value")]
+    return inputs, outputs
 
 
 def _as_numpy(t: torch.Tensor):
@@ -276,7 +289,6 @@ def _as_numpy(t: torch.Tensor):
 
 
 def _numpy_dtype(dtype: torch.dtype):
-    import numpy as np
     return {torch.int64: np.int64, torch.float32: np.float32, torch.float16: np.float16}[dtype]
 
 

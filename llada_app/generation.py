@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 
 import torch
+import torch.nn.functional as F
 
 from .backends import Denoiser
 
@@ -401,12 +402,16 @@ def _sample(denoiser, x, P, attn, config, mask_id, eos_id, eot_id) -> Iterator[S
             blk.copy_(torch.where(reveal, x0, blk))
             i += 1
             step += 1
-            revealed = torch.zeros(B, L, dtype=torch.bool, device=dev)
-            revealed[r0:, bs:be] = reveal
-            confidence = torch.zeros(B, L, dtype=torch.float32, device=dev)
-            confidence[r0:, bs:be] = torch.where(reveal, conf, 0.0)
-            record = Step(ids=x.clone(), prompt_length=P, revealed=revealed, confidence=confidence,
-                          step=step, nfe=nfe, done=False, block=b, canvas=canvas)
+            if deferred:
+                block_done = False  # known one step later (below)
+            elif schedule is not None:
+                block_done = i == schedule.shape[1]
+            else:  # adaptive: the one host sync of the loop
+                block_done = not bool((blk == mask_id).any())
+            frame = (bs, L - be, r0, 0)  # the block's [B - r0, Lb] padded out to [B, L]
+            record = Step(ids=x.clone(), prompt_length=P, revealed=F.pad(reveal, frame),
+                          confidence=F.pad(torch.where(reveal, conf, 0.0), frame), step=step, nfe=nfe,
+                          done=block_done and last_block, block=b, canvas=canvas)
             if deferred:  # read the previous step's flag while this one runs; yield that step now
                 flag = _HostFlag((blk == mask_id).any())
                 if held is not None:
@@ -418,11 +423,7 @@ def _sample(denoiser, x, P, attn, config, mask_id, eos_id, eot_id) -> Iterator[S
                     yield previous
                 held = record, flag
                 continue
-            if schedule is not None:
-                block_done = i == schedule.shape[1]
-            else:  # adaptive: the one host sync of the loop
-                block_done = not bool((blk == mask_id).any())
-            yield replace(record, done=block_done and last_block)
+            yield record
             if block_done:
                 break
 

@@ -152,6 +152,30 @@ def test_cache_graph_matches_pytorch(tiny_onnx, tiny_loaded):
     assert got.past_key_values[0][0].shape == want.past_key_values[0][0].shape
 
 
+def test_io_binding_runs_as_the_plain_path(tiny_onnx, tiny_export, tiny_loaded, monkeypatch):
+    """The IO-binding code of the GPU path, run on a CPU: the same logits and K/V, bit for bit, in every
+    call the sampler makes, and the same tokens; the numpy path (`session.run`) is never taken."""
+    bound = OnnxDenoiser(tiny_export, expect_config=tiny_loaded.model.config, io_binding=True)
+    for session in (bound.session, bound.past_session):
+        monkeypatch.setattr(session, "run", lambda *a, **k: pytest.fail("the numpy path ran"))
+    L, start, blk = 40, 24, 8
+    ids, mask = _random_batch(tiny_loaded.model.config, tiny_loaded.ids.pad, 2, L, 9, seed=4)
+    assert torch.equal(tiny_onnx(ids, mask).logits, bound(ids, mask).logits)
+    want, got = tiny_onnx(ids, mask, use_cache=True), bound(ids, mask, use_cache=True)
+    assert torch.equal(want.logits, got.logits)
+    assert all(torch.equal(a, b) for kv, kv2 in zip(want.past_key_values, got.past_key_values)
+               for a, b in zip(kv, kv2))
+    prefix = tuple((k[:, :, :start], v[:, :, :start]) for k, v in want.past_key_values)
+    calls = [dict(input_ids=ids[:, start:start + blk], past_key_values=want.past_key_values, start=start),  # dual
+             dict(input_ids=ids[:, start:], past_key_values=prefix, start=start, logits_slice=slice(0, blk))]
+    for call in calls:
+        assert torch.equal(tiny_onnx(attention_mask=mask, **call).logits, bound(attention_mask=mask, **call).logits)
+    for mode in (dict(), dict(cache="dual", threshold=0.5), dict(cache="prefix", cfg_scale=1.0)):
+        _generate_equal(bound, tiny_loaded, mode, gen_length=16, block_length=8)
+    with pytest.raises(OnnxBackendError, match="always runs with IO binding"):
+        OnnxDenoiser(tiny_export, device="cuda", io_binding=False)
+
+
 def test_session_threads_do_not_spin(tiny_onnx):
     """ORT's pool threads must not busy-wait between runs: the sampler's own torch work (and the ARM
     twin's) runs on the same cores right after each denoiser call."""
