@@ -176,6 +176,28 @@ def test_io_binding_runs_as_the_plain_path(tiny_onnx, tiny_export, tiny_loaded, 
         OnnxDenoiser(tiny_export, device="cuda", io_binding=False)
 
 
+def test_fp16_export_with_io_binding_as_on_a_gpu(tiny_loaded, tmp_path):
+    """The GPU's configuration (an fp16 export, IO binding with fp16 buffers) run on a CPU: the export
+    passes its parity check against the fp16 PyTorch model, and the bound path returns fp16 logits and
+    K/V equal to the NumPy path's and decodes the same tokens."""
+    folder = export_onnx(tiny_loaded, tmp_path / "fp16", dtype="fp16", device="cpu")
+    report = check_parity(tiny_loaded, folder)
+    assert report["passed"] and json.loads((folder / MANIFEST_FILE).read_text())["dtype"] == "fp16"
+    plain = OnnxDenoiser(folder, expect_config=tiny_loaded.model.config)
+    bound = OnnxDenoiser(folder, expect_config=tiny_loaded.model.config, io_binding=True)
+    ids, mask = _random_batch(tiny_loaded.model.config, tiny_loaded.ids.pad, 2, 24, 5, seed=5)
+    want, got = plain(ids, mask, use_cache=True), bound(ids, mask, use_cache=True)
+    assert got.logits.dtype == torch.float16 and got.past_key_values[0][0].dtype == torch.float16
+    assert torch.equal(want.logits, got.logits)
+    assert all(torch.equal(a, b) for kv, kv2 in zip(want.past_key_values, got.past_key_values)
+               for a, b in zip(kv, kv2))
+    config = generation.GenerationConfig(gen_length=16, block_length=8, steps=16, threshold=0.5, cache="dual")
+    kw = dict(mask_id=tiny_loaded.ids.mask, eos_id=tiny_loaded.ids.eos, eot_id=tiny_loaded.ids.eot)
+    out = generation.generate(bound, ids[:, :12], mask[:, :12], config, **kw)
+    assert (out[:, 12:] != tiny_loaded.ids.mask).all()
+    assert torch.equal(out, generation.generate(plain, ids[:, :12], mask[:, :12], config, **kw))
+
+
 def test_session_threads_do_not_spin(tiny_onnx):
     """ORT's pool threads must not busy-wait between runs: the sampler's own torch work (and the ARM
     twin's) runs on the same cores right after each denoiser call."""
