@@ -152,6 +152,14 @@ def test_cache_graph_matches_pytorch(tiny_onnx, tiny_loaded):
     assert got.past_key_values[0][0].shape == want.past_key_values[0][0].shape
 
 
+def _assert_same(want, got):
+    """Two denoiser outputs equal bit for bit: logits and, when returned, every K/V tensor."""
+    assert torch.equal(want.logits, got.logits)
+    assert (want.past_key_values is None) == (got.past_key_values is None)
+    for kv, kv2 in zip(want.past_key_values or (), got.past_key_values or ()):
+        assert all(torch.equal(a, b) for a, b in zip(kv, kv2))
+
+
 def test_io_binding_runs_as_the_plain_path(tiny_onnx, tiny_export, tiny_loaded, monkeypatch):
     """The IO-binding code of the GPU path, run on a CPU: the same logits and K/V, bit for bit, in every
     call the sampler makes, and the same tokens; the numpy path (`session.run`) is never taken."""
@@ -160,16 +168,14 @@ def test_io_binding_runs_as_the_plain_path(tiny_onnx, tiny_export, tiny_loaded, 
         monkeypatch.setattr(session, "run", lambda *a, **k: pytest.fail("the numpy path ran"))
     L, start, blk = 40, 24, 8
     ids, mask = _random_batch(tiny_loaded.model.config, tiny_loaded.ids.pad, 2, L, 9, seed=4)
-    assert torch.equal(tiny_onnx(ids, mask).logits, bound(ids, mask).logits)
+    _assert_same(tiny_onnx(ids, mask), bound(ids, mask))
     want, got = tiny_onnx(ids, mask, use_cache=True), bound(ids, mask, use_cache=True)
-    assert torch.equal(want.logits, got.logits)
-    assert all(torch.equal(a, b) for kv, kv2 in zip(want.past_key_values, got.past_key_values)
-               for a, b in zip(kv, kv2))
+    _assert_same(want, got)
     prefix = tuple((k[:, :, :start], v[:, :, :start]) for k, v in want.past_key_values)
     calls = [dict(input_ids=ids[:, start:start + blk], past_key_values=want.past_key_values, start=start),  # dual
              dict(input_ids=ids[:, start:], past_key_values=prefix, start=start, logits_slice=slice(0, blk))]
     for call in calls:
-        assert torch.equal(tiny_onnx(attention_mask=mask, **call).logits, bound(attention_mask=mask, **call).logits)
+        _assert_same(tiny_onnx(attention_mask=mask, **call), bound(attention_mask=mask, **call))
     for mode in (dict(), dict(cache="dual", threshold=0.5), dict(cache="prefix", cfg_scale=1.0)):
         _generate_equal(bound, tiny_loaded, mode, gen_length=16, block_length=8)
     with pytest.raises(OnnxBackendError, match="always runs with IO binding"):
@@ -188,9 +194,7 @@ def test_fp16_export_with_io_binding_as_on_a_gpu(tiny_loaded, tmp_path):
     ids, mask = _random_batch(tiny_loaded.model.config, tiny_loaded.ids.pad, 2, 24, 5, seed=5)
     want, got = plain(ids, mask, use_cache=True), bound(ids, mask, use_cache=True)
     assert got.logits.dtype == torch.float16 and got.past_key_values[0][0].dtype == torch.float16
-    assert torch.equal(want.logits, got.logits)
-    assert all(torch.equal(a, b) for kv, kv2 in zip(want.past_key_values, got.past_key_values)
-               for a, b in zip(kv, kv2))
+    _assert_same(want, got)
     config = generation.GenerationConfig(gen_length=16, block_length=8, steps=16, threshold=0.5, cache="dual")
     kw = dict(mask_id=tiny_loaded.ids.mask, eos_id=tiny_loaded.ids.eos, eot_id=tiny_loaded.ids.eot)
     out = generation.generate(bound, ids[:, :12], mask[:, :12], config, **kw)
